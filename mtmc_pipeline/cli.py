@@ -1,0 +1,114 @@
+"""The ``mtmc`` command: demo data, calibrated prediction, and a summary of the latest results."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from mtmc_pipeline.artifacts import TaskArtifacts, leaderboard_path, read_json
+
+
+def default_artifacts() -> Path:
+    return Path(os.environ.get("MTMC_ARTIFACTS", "artifacts"))
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from mtmc_pipeline.demo import write_demo
+
+    written = write_demo(Path(args.dir), small=args.small)
+    for task, n in written.items():
+        print(f"{task}: {n} files written (unchanged files left as they were)")
+    print(f"demo data in {args.dir}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from mtmc_pipeline.predict import Predictor, expand_inputs
+    from mtmc_pipeline.runtime import resolve_runtime
+
+    art = TaskArtifacts(Path(args.artifacts), args.task)
+    if not (art.model_dir / "model.json").is_file():
+        print(f"error: no trained model for task {args.task!r} under {art.dir}", file=sys.stderr)
+        return 2
+    if not (art.calibration_dir / "calibrator.json").is_file():
+        print(f"error: task {args.task!r} has no calibrator under {art.dir}", file=sys.stderr)
+        return 2
+    predictor = Predictor(art.dir, resolve_runtime(args.device))
+    df = predictor.predict(expand_inputs(args.inputs), args.min_precision, args.batch_size)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".parquet":
+        df.to_parquet(out, index=False)
+    else:
+        df.to_csv(out, index=False)
+    errors = int(df["error"].notna().sum())
+    print(f"{len(df)} predictions written to {out} ({errors} unreadable files)")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    root = Path(args.artifacts)
+    path = leaderboard_path(root)
+    if not path.is_file():
+        print(f"no leaderboard at {path} yet: materialize the pipeline first", file=sys.stderr)
+        return 1
+    board = pd.read_parquet(path)
+    for row in board.itertuples():
+        art = TaskArtifacts(root, row.task)
+        temp = read_json(art.calibration_dir / "temperature.json")
+        ece = f"ECE {temp['ece_before']:.4f} -> {temp['ece_after']:.4f}"
+        print(f"\n== {row.task}: {row.classes} classes, {row.usable_images}/{row.images} usable")
+        print(f"   model {row.model}; on {row.split}: accuracy {row.accuracy:.4f}, ", end="")
+        print(f"macro F1 {row.macro_f1:.4f}")
+        print(f"   calibration: temperature {temp['temperature']:.3f}, {ece}")
+        print(f"   report:      {art.evaluation_dir / 'report.md'}")
+        print(f"   thresholds:  {art.calibration_dir / 'calibration.parquet'}")
+    return 0
+
+
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from mtmc_pipeline.config import reference_markdown
+
+    print(reference_markdown(), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtmc", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo-data", help="write the deterministic demo data set")
+    p.add_argument("dir", help="where to write it, e.g. data/demo")
+    p.add_argument("--small", action="store_true", help="a tiny version for tests")
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("predict", help="classify images with calibrated confidences")
+    p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--task", required=True, help="task name (folder under the artifact root)")
+    p.add_argument("--out", required=True, help="output .csv or .parquet")
+    p.add_argument("--min-precision", type=float, default=0.9, help="precision level for labels")
+    p.add_argument("--artifacts", default=str(default_artifacts()), help="artifact root")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("summary", help="print each task's metrics and where its reports are")
+    p.add_argument("--artifacts", default=str(default_artifacts()), help="artifact root")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("config-reference", help="print every setting as Markdown")
+    p.set_defaults(func=cmd_config_reference)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""From manifest rows to batches: decoding, the decoded-image cache, augmentation.
+
+Every usable image is decoded once per (content hash, size) into a small uint8 ``.npy`` file
+under the artifact root, so later epochs and later retrains never decode a JPEG again.
+Small data sets are then held in memory as one uint8 tensor; large ones are read per item.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from mtmc_pipeline.models import Preprocess
+
+IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
+    """Open any usable image as upright 8-bit RGB (EXIF rotation, CMYK, 16-bit, alpha)."""
+    with Image.open(path) as im:
+        im.seek(0)  # animated images: the first frame
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+            arr = np.asarray(im, dtype=np.float64)
+            peak = arr.max() if arr.size and arr.max() > 0 else 1.0
+            im = Image.fromarray((arr / peak * 255).astype(np.uint8), "L")
+        has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
+        if has_alpha:
+            rgba = im.convert("RGBA")
+            canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(canvas, rgba)
+        return im.convert("RGB")
+
+
+def fit_square(im: Image.Image, size: int, interpolation: str = "bilinear") -> np.ndarray:
+    """Resize the short side to ``size`` and centre-crop: an HxWx3 uint8 array."""
+    resample = _RESAMPLE.get(interpolation, Image.BILINEAR)
+    return np.asarray(ImageOps.fit(im, (size, size), method=resample), dtype=np.uint8)
+
+
+class DecodedCache:
+    """``root/<size>/<hash[:2]>/<hash>.npy`` files of decoded, resized images."""
+
+    def __init__(self, root: Path, size: int, interpolation: str = "bilinear") -> None:
+        self.dir = root / f"{size}px-{interpolation}"
+        self.size = size
+        self.interpolation = interpolation
+
+    def path(self, content_hash: str) -> Path:
+        return self.dir / content_hash[:2] / f"{content_hash}.npy"
+
+    def ensure(self, paths: Sequence[str], hashes: Sequence[str], workers: int = 0) -> int:
+        """Decode the images not yet cached; return how many were decoded."""
+        todo = [(p, h) for p, h in zip(paths, hashes, strict=True) if not self.path(h).exists()]
+        todo = list(dict((h, p) for p, h in todo).items())  # one decode per content hash
+        if not todo:
+            return 0
+        jobs = [(p, str(self.path(h)), self.size, self.interpolation) for h, p in todo]
+        workers = workers or os.cpu_count() or 1
+        if workers == 1 or len(jobs) < 64:
+            for job in jobs:
+                _decode_to_cache(job)
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(_decode_to_cache, jobs, chunksize=32))
+        return len(jobs)
+
+    def load(self, content_hash: str) -> np.ndarray:
+        return np.load(self.path(content_hash))
+
+
+def _decode_to_cache(job: tuple[str, str, int, str]) -> None:
+    src, dst, size, interpolation = job
+    arr = fit_square(load_rgb(src), size, interpolation)
+    out = Path(dst)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, out)
+
+
+class CachedImageDataset(Dataset):
+    """(uint8 CHW tensor, label) pairs read from the decoded cache; augmentation is per batch."""
+
+    def __init__(
+        self,
+        cache: DecodedCache,
+        hashes: Sequence[str],
+        labels: Sequence[int],
+    ) -> None:
+        self.cache = cache
+        self.hashes = list(hashes)
+        self.labels = torch.as_tensor(list(labels), dtype=torch.long)
+        nbytes = len(self.hashes) * 3 * cache.size * cache.size
+        self.images: torch.Tensor | None = None
+        if nbytes <= IN_MEMORY_LIMIT_BYTES:
+            stack = np.stack([cache.load(h) for h in self.hashes]) if self.hashes else None
+            if stack is not None:
+                self.images = torch.from_numpy(stack).permute(0, 3, 1, 2).contiguous()
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def image(self, i: int) -> torch.Tensor:
+        if self.images is not None:
+            return self.images[i]
+        return torch.from_numpy(self.cache.load(self.hashes[i])).permute(2, 0, 1)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.image(i), self.labels[i]
+
+
+class Normalize:
+    """Batch in [0, 255] -> normalised float batch on the target device, once per batch."""
+
+    def __init__(self, pre: Preprocess, device: torch.device, channels_last: bool) -> None:
+        self.mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1) * 255
+        self.device = device
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 batch -> float batch in [0, 255] on the device."""
+        return batch.to(self.device, non_blocking=True).float()
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        x = self.to_device(batch) if batch.dtype == torch.uint8 else batch
+        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)

@@ -1,0 +1,170 @@
+"""The demo data set: two deterministic tasks that exercise every stage.
+
+- ``digits``: the real handwritten digits shipped with scikit-learn (``load_digits``), written
+  as 32x32 PNGs in the flat layout ``digits/<0..9>/``, so the pipeline must make the split.
+- ``pattern``: procedurally drawn textures in ``train/`` and ``val/`` folders, with Chinese
+  class names, deliberately imbalanced, plus planted problems the integrity stage must catch:
+  a zero-byte file, a truncated JPEG, a text file named ``.jpg`` and an image copied into both
+  train and val.
+
+Rewriting an existing demo leaves unchanged files untouched (same bytes, same mtime), so a
+second ``make demo`` finds nothing stale.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+PATTERN_CLASSES = (
+    "条纹",
+    "格子",
+    "波点",
+    "渐变色",
+    "纯色",
+)  # stripes, checks, dots, gradient, solid
+PATTERN_TRAIN = (200, 120, 80, 40, 20)
+PATTERN_VAL = (40, 30, 20, 12, 8)
+PLANTED = {
+    "empty": "train/条纹/空文件.jpg",
+    "truncated": "train/格子/truncated.jpg",
+    "text": "train/波点/readme.jpg",
+    "leak": "val/渐变色/copied from train.jpg",
+}
+
+DIGITS_TASK_YAML = """\
+# Small digits at 32 px: a compact ResNet trained from scratch is enough.
+train:
+  model: resnet10t
+  img_size: 32
+  pretrained: false
+  epochs: 12
+  lr: 0.005
+  hflip: false
+"""
+
+PATTERN_TASK_YAML = """\
+train:
+  model: resnet10t
+  img_size: 32
+  pretrained: false
+  epochs: 25
+  lr: 0.005
+  patience: 6
+"""
+
+
+def _write_if_changed(path: Path, data: bytes) -> bool:
+    if path.is_file() and path.read_bytes() == data:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return True
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def _jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_digits(task_dir: Path, per_class: int | None = None) -> int:
+    """The scikit-learn digits as 32x32 grayscale PNGs; returns the number of files written."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    counts: dict[int, int] = {}
+    written = 0
+    for i, (pixels, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+        label = int(label)
+        if per_class is not None and counts.get(label, 0) >= per_class:
+            continue
+        counts[label] = counts.get(label, 0) + 1
+        small = Image.fromarray((pixels * (255.0 / 16.0)).astype(np.uint8), "L")
+        img = small.resize((32, 32), Image.BICUBIC)
+        written += _write_if_changed(task_dir / str(label) / f"{i:04d}.png", _png(img))
+    _write_if_changed(task_dir / "task.yaml", DIGITS_TASK_YAML.encode())
+    return written
+
+
+def _draw(kind: int, rng: np.random.Generator, size: int) -> Image.Image:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    c1, c2 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    while np.abs(c1 - c2).sum() < 150:  # keep the two colours distinguishable
+        c2 = rng.uniform(0, 255, 3)
+    angle = rng.uniform(0, np.pi)
+    u = xx * np.cos(angle) + yy * np.sin(angle)
+    v = -xx * np.sin(angle) + yy * np.cos(angle)
+    if kind == 0:  # stripes
+        mask = np.sin(u * 2 * np.pi / rng.uniform(5, 14)) > 0
+    elif kind == 1:  # checks
+        period = rng.uniform(6, 16)
+        mask = (np.floor(u / period) + np.floor(v / period)) % 2 == 0
+    elif kind == 2:  # polka dots
+        period = rng.uniform(9, 16)
+        radius = period * rng.uniform(0.2, 0.35)
+        du = (u % period) - period / 2
+        dv = (v % period) - period / 2
+        mask = du**2 + dv**2 < radius**2
+    elif kind == 3:  # gradient
+        t = (u - u.min()) / (np.ptp(u) + 1e-9)
+        img = c1[None, None] * (1 - t[..., None]) + c2[None, None] * t[..., None]
+        mask = None
+    else:  # solid
+        img = np.broadcast_to(c1, (size, size, 3)).astype(np.float64)
+        mask = None
+    if mask is not None:
+        img = np.where(mask[..., None], c1[None, None], c2[None, None])
+    img = img + rng.normal(0, rng.uniform(2, 14), img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+def write_pattern(
+    task_dir: Path,
+    train_counts: tuple[int, ...] = PATTERN_TRAIN,
+    val_counts: tuple[int, ...] = PATTERN_VAL,
+    size: int = 64,
+    seed: int = 0,
+) -> int:
+    """The texture task with its planted problems; returns the number of files written."""
+    rng = np.random.default_rng(seed)
+    written = 0
+    first_image: dict[str, bytes] = {}
+    for split, counts in (("train", train_counts), ("val", val_counts)):
+        for kind, (name, n) in enumerate(zip(PATTERN_CLASSES, counts, strict=True)):
+            for j in range(n):
+                img = _draw(kind, rng, size)
+                as_png = j % 5 == 4
+                data = _png(img) if as_png else _jpeg(img)
+                first_image.setdefault(f"{split}/{name}", data)
+                path = task_dir / split / name / f"{name}_{j:03d}.{'png' if as_png else 'jpg'}"
+                written += _write_if_changed(path, data)
+    planted = {
+        PLANTED["empty"]: b"",
+        PLANTED["truncated"]: first_image["train/格子"][: len(first_image["train/格子"]) // 2],
+        PLANTED["text"]: "这不是图片 / this is not an image\n".encode(),
+        PLANTED["leak"]: first_image["train/渐变色"],
+    }
+    for rel, data in planted.items():
+        written += _write_if_changed(task_dir / rel, data)
+    _write_if_changed(task_dir / "task.yaml", PATTERN_TASK_YAML.encode())
+    return written
+
+
+def write_demo(root: Path, small: bool = False) -> dict[str, int]:
+    """Write both demo tasks under ``root``; ``small`` makes a tiny copy for tests."""
+    if small:
+        return {
+            "digits": write_digits(root / "digits", per_class=12),
+            "pattern": write_pattern(root / "pattern", (24, 16, 12, 10, 8), (6, 5, 5, 4, 4), 32),
+        }
+    return {"digits": write_digits(root / "digits"), "pattern": write_pattern(root / "pattern")}

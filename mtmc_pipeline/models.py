@@ -1,0 +1,144 @@
+"""timm backbones: creation, pretrained weights without pickle, and the saved model bundle.
+
+A bundle is a directory with ``weights.safetensors`` and ``model.json``; everything needed to
+rebuild the network and preprocess images is in the JSON, so loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mtmc_pipeline.artifacts import read_json, write_json
+from mtmc_pipeline.config import ConfigError
+
+WEIGHTS_FILE = "weights.safetensors"
+MODEL_FILE = "model.json"
+_PREFIXES = ("module.", "model.", "_orig_mod.")
+
+
+class PretrainedUnavailableError(RuntimeError):
+    """Pretrained weights were asked for but could not be fetched or read."""
+
+
+def check_model_name(name: str) -> None:
+    """Fail with the closest timm names when ``name`` is not a timm model."""
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise ConfigError(f"train.model = {name!r}: not a timm model.{hint}")
+
+
+def _clean_state_dict(raw: dict[str, Any]) -> dict[str, torch.Tensor]:
+    for key in ("state_dict", "model", "model_state_dict"):
+        if key in raw and isinstance(raw[key], dict):
+            raw = raw[key]
+    out = {}
+    for k, v in raw.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        for prefix in _PREFIXES:
+            if k.startswith(prefix):
+                k = k[len(prefix) :]
+        out[k] = v
+    return out
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file or a torch file, never unpickling objects."""
+    if not path.is_file():
+        raise PretrainedUnavailableError(f"train.pretrained_path = {str(path)!r}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            return _clean_state_dict(load_file(str(path)))
+        return _clean_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as e:  # a corrupt or hostile file: say which, never crash deeper
+        raise PretrainedUnavailableError(
+            f"train.pretrained_path = {str(path)!r}: cannot read weights ({type(e).__name__}: {e})"
+        ) from None
+
+
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load every tensor whose name and shape match; return the names that were skipped."""
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    skipped = sorted(set(state) - set(usable))
+    model.load_state_dict(usable, strict=False)
+    return skipped
+
+
+def create_model(
+    arch: str,
+    num_classes: int,
+    pretrained: bool = False,
+    pretrained_path: str | None = None,
+    drop_rate: float = 0.0,
+    log: Callable[[str], None] = print,
+) -> nn.Module:
+    """A timm model with a fresh head of ``num_classes`` outputs."""
+    check_model_name(arch)
+    if pretrained and not pretrained_path:
+        try:
+            return timm.create_model(
+                arch, pretrained=True, num_classes=num_classes, drop_rate=drop_rate
+            )
+        except Exception as e:
+            raise PretrainedUnavailableError(
+                f"train.pretrained = true: could not fetch pretrained weights for {arch!r} "
+                f"from the timm/Hugging Face hub ({type(e).__name__}: {e}). If this machine is "
+                "offline, download the weights elsewhere and set train.pretrained_path to the "
+                ".safetensors file, or set train.pretrained: false to train from scratch."
+            ) from None
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
+    if pretrained_path:
+        skipped = load_matching(model, read_weights(Path(pretrained_path)))
+        log(
+            f"loaded {pretrained_path}; skipped {len(skipped)} tensors"
+            + (f" (e.g. {', '.join(skipped[:5])})" if skipped else "")
+        )
+    return model
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a model wants its input: square size and per-channel normalisation."""
+
+    img_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+
+    @classmethod
+    def for_model(cls, model: nn.Module, img_size: int) -> Preprocess:
+        cfg = timm.data.resolve_model_data_config(model)
+        return cls(img_size, tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"])
+
+
+def save_bundle(directory: Path, model: nn.Module, info: dict[str, Any]) -> None:
+    """Write ``weights.safetensors`` and ``model.json`` (``info`` must hold arch and classes)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE))
+    write_json(directory / MODEL_FILE, info)
+
+
+def load_bundle(directory: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a saved model in eval mode, plus its ``model.json`` contents."""
+    info = read_json(directory / MODEL_FILE)
+    model = timm.create_model(info["arch"], pretrained=False, num_classes=len(info["class_names"]))
+    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+    return model.to(device).eval(), info
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the classifier head (trained alone while the backbone is frozen)."""
+    head = model.get_classifier()
+    return list(head.parameters()) if isinstance(head, nn.Module) else []

@@ -1,0 +1,146 @@
+"""Split manifests: which usable image is train, val or test, stable as the data grows.
+
+- Split folders that exist (``train/``, ``val/``, ``test/``) are honoured.
+- Otherwise a seeded hash of each file's *content* places it: identical bytes always land in
+  the same split, and the decision for a file never depends on the other files.
+- Assignments already in the previous manifest are kept (when the split settings are the
+  same), so adding images never moves an existing image to another split.
+- Every class with at least two images gets at least one validation image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from mtmc_pipeline.config import SplitConfig
+
+SPLIT_COLUMNS = ["relpath", "class_name", "label", "split", "fold", "content_hash"]
+CLASSES_KEY = b"mtmc.class_names"
+
+
+class TaskDataError(ValueError):
+    """A task's data cannot be trained on (no images, a single class, ...)."""
+
+
+def unit_hash(seed: int, key: str, salt: str = "split") -> float:
+    """A uniform number in [0, 1) fixed by (seed, salt, key)."""
+    digest = hashlib.blake2b(f"{salt}:{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def _assign_by_hash(u: float, config: SplitConfig) -> str:
+    if u < config.test_fraction:
+        return "test"
+    if u < config.test_fraction + config.val_fraction:
+        return "val"
+    return "train"
+
+
+def _previous_assignments(previous: pd.DataFrame | None) -> dict[str, str]:
+    """content_hash -> split from the last manifest."""
+    if previous is None or previous.empty:
+        return {}
+    return dict(zip(previous["content_hash"], previous["split"], strict=True))
+
+
+def make_splits(
+    usable: pd.DataFrame,
+    config: SplitConfig | None = None,
+    previous: pd.DataFrame | None = None,
+    task: str = "task",
+) -> tuple[pd.DataFrame, list[str]]:
+    """The split manifest and the ordered class list.
+
+    ``usable`` has integrity columns (relpath, split_dir, class_name, content_hash) for files
+    that passed integrity. ``previous`` is the last manifest made with the same settings.
+    """
+    config = config or SplitConfig()
+    if usable.empty:
+        raise TaskDataError(f"task {task!r}: no usable images (see its integrity report)")
+    df = usable[["relpath", "split_dir", "class_name", "content_hash"]].copy()
+    df["u"] = [unit_hash(config.seed, h) for h in df["content_hash"]]
+    pinned = _previous_assignments(previous)
+    honoured = df["split_dir"] != "none"
+    has_val_dir = (df["split_dir"] == "val").any()
+
+    def place(row: pd.Series) -> str:
+        if row["split_dir"] in ("val", "test"):
+            return row["split_dir"]
+        if row["content_hash"] in pinned:
+            return pinned[row["content_hash"]]
+        if row["split_dir"] == "train" and has_val_dir:
+            return "train"
+        if honoured.any():  # split layout without val/: carve val out of train only
+            return "val" if row["u"] < config.val_fraction else "train"
+        return _assign_by_hash(row["u"], config)
+
+    df["split"] = df.apply(place, axis=1) if len(df) else []
+    if not has_val_dir:
+        _ensure_one_val_per_class(df, pinned)
+    classes = sorted(df.loc[df["split"] == "train", "class_name"].unique())
+    if len(classes) < 2:
+        found = ", ".join(classes) or "none"
+        raise TaskDataError(
+            f"task {task!r}: needs at least two classes with usable training images, found {found}"
+        )
+    df = df[df["class_name"].isin(classes)].copy()
+    df["label"] = df["class_name"].map({c: i for i, c in enumerate(classes)}).astype("int64")
+    df["fold"] = pd.array([pd.NA] * len(df), dtype="Int64")
+    if config.folds >= 2:
+        train = df["split"] == "train"
+        df.loc[train, "fold"] = [
+            int(unit_hash(config.seed, h, "fold") * config.folds)
+            for h in df.loc[train, "content_hash"]
+        ]
+    df = df.sort_values(["split", "label", "relpath"]).reset_index(drop=True)
+    return df[SPLIT_COLUMNS], classes
+
+
+def _ensure_one_val_per_class(df: pd.DataFrame, pinned: dict[str, str]) -> None:
+    """Move the lowest-hash unpinned train file of a class without val images to val."""
+    for _, group in df.groupby("class_name"):
+        if len(group["content_hash"].unique()) < 2 or (group["split"] == "val").any():
+            continue
+        candidates = group[(group["split"] == "train") & ~group["content_hash"].isin(pinned)]
+        if candidates.empty:
+            continue
+        chosen_hash = candidates.sort_values("u")["content_hash"].iloc[0]
+        df.loc[df["content_hash"] == chosen_hash, "split"] = "val"
+
+
+def splits_schema(classes: list[str]) -> pa.Schema:
+    """The manifest schema, with the ordered class list in its metadata."""
+    schema = pa.schema(
+        [
+            ("relpath", pa.string()),
+            ("class_name", pa.string()),
+            ("label", pa.int64()),
+            ("split", pa.string()),
+            ("fold", pa.int64()),
+            ("content_hash", pa.string()),
+        ]
+    )
+    return schema.with_metadata({CLASSES_KEY: json.dumps(classes, ensure_ascii=False).encode()})
+
+
+def class_names_from_schema(schema: pa.Schema) -> list[str]:
+    return json.loads((schema.metadata or {})[CLASSES_KEY])
+
+
+def class_split_counts(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Class x split image counts (the table shown in the UI)."""
+    table = manifest.pivot_table(
+        index="class_name", columns="split", values="relpath", aggfunc="count", fill_value=0
+    )
+    return table.reindex(columns=[s for s in ("train", "val", "test") if s in table.columns])
+
+
+def leaking_hashes(manifest: pd.DataFrame) -> np.ndarray:
+    """Content hashes that appear in more than one split (must be empty)."""
+    per_hash = manifest.groupby("content_hash")["split"].nunique()
+    return per_hash[per_hash > 1].index.to_numpy()

@@ -1,0 +1,268 @@
+"""Build the asset graph of one task folder: raw_images -> inventory -> integrity -> splits ->
+sampling_weights -> model -> evaluation -> calibration, keyed ``<task>/<stage>``.
+
+Each asset resolves its configuration section, calls one function of
+:mod:`mtmc_pipeline.stages`, and reports metadata, its data version and its checks.
+"""
+
+import contextlib
+import hashlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from anyascii import anyascii
+
+from assets.config import (
+    CalibrationOverrides,
+    EvaluationOverrides,
+    IntegrityOverrides,
+    SamplingOverrides,
+    ScanOverrides,
+    SplitOverrides,
+    TrainOverrides,
+    overrides_of,
+)
+from assets.metadata import check_result, stage_metadata
+from assets.resources import ArtifactStore, TorchDevice
+from mtmc_pipeline import stages
+from mtmc_pipeline.artifacts import UnsafePathError
+from mtmc_pipeline.config import ConfigError, TaskConfig, load_task_config
+from mtmc_pipeline.layout import DataRootError
+from mtmc_pipeline.models import PretrainedUnavailableError
+from mtmc_pipeline.runtime import DeviceError
+from mtmc_pipeline.splits import TaskDataError
+
+STAGES = (
+    "raw_images",
+    "inventory",
+    "integrity",
+    "splits",
+    "sampling_weights",
+    "model",
+    "evaluation",
+    "calibration",
+)
+_VALID = re.compile(r"^[A-Za-z0-9_]+$")
+USER_ERRORS = (
+    ConfigError,
+    TaskDataError,
+    DataRootError,
+    UnsafePathError,
+    PretrainedUnavailableError,
+    DeviceError,
+    FileNotFoundError,
+)
+
+
+def task_key(task: str) -> str:
+    """The task's name in asset keys and group names (Dagster allows only [A-Za-z0-9_]).
+
+    Names that qualify are kept; others are transliterated (``印花`` -> ``yinhua_1a2b``) with a
+    short hash of the real name, so two folders never share a key.
+    """
+    if _VALID.match(task):
+        return task
+    slug = re.sub(r"[^a-z0-9]+", "_", anyascii(task).lower()).strip("_") or "task"
+    return f"{slug}_{hashlib.sha1(task.encode()).hexdigest()[:4]}"
+
+
+CHECKS: dict[str, list[tuple[str, bool, str]]] = {
+    # stage -> (check name, blocking, description)
+    "integrity": [
+        (
+            "error_fraction",
+            True,
+            "Share of files with errors is within integrity.max_error_fraction.",
+        ),
+        ("no_split_leakage", False, "No identical bytes in two split folders."),
+    ],
+    "splits": [
+        ("every_class_in_train", False, "Every class folder has usable training images."),
+        ("no_hash_in_two_splits", True, "No content hash appears in two splits."),
+    ],
+    "evaluation": [
+        ("beats_majority_baseline", False, "Accuracy beats always predicting the largest class."),
+        ("macro_f1_floor", False, "Macro F1 reaches evaluation.min_macro_f1 (when set)."),
+    ],
+    "calibration": [
+        ("thresholds_monotone", False, "Thresholds never decrease as precision rises."),
+        ("realised_precision_on_test", False, "Test precision holds at each level (test split)."),
+    ],
+}
+
+
+@contextlib.contextmanager
+def user_errors(task_dir: Path) -> Iterator[None]:
+    """Turn problems with the user's data or settings into a clean failure message."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        raise dg.Failure(description=f"{task_dir}: {e}", allow_retries=False) from e
+
+
+def _events(key: dg.AssetKey, stage: str, result: stages.StageResult) -> Iterator[Any]:
+    yield dg.MaterializeResult(
+        asset_key=key,
+        data_version=dg.DataVersion(result.fingerprint),
+        metadata=stage_metadata(result),
+    )
+    for name, _, _ in CHECKS.get(stage, []):
+        outcome = result.checks.get(name) or stages.CheckOutcome(
+            True, "not applicable to this task's data or settings", "warn"
+        )
+        yield check_result(key, name, outcome)
+
+
+def build_task_assets(task: str, data_root: Path) -> list[Any]:
+    """The assets of one task folder (plus their checks)."""
+    tk = task_key(task)
+    task_dir = data_root / task
+    keys = {stage: dg.AssetKey([tk, stage]) for stage in STAGES}
+    tags = {"task": tk}
+
+    def spec_kwargs(stage: str, upstream: list[str]) -> dict[str, Any]:
+        return {
+            "key": keys[stage],
+            "deps": [keys[u] for u in upstream],
+            "group_name": tk,
+            "code_version": stages.CODE_VERSIONS[stage],
+            "tags": tags,
+            "check_specs": [
+                dg.AssetCheckSpec(name, asset=keys[stage], blocking=blocking, description=desc)
+                for name, blocking, desc in CHECKS.get(stage, [])
+            ],
+        }
+
+    def resolve(section: str, config: dg.Config) -> Any:
+        cfg: TaskConfig = load_task_config(task_dir, {section: overrides_of(config)})
+        return getattr(cfg, section)
+
+    @dg.observable_source_asset(
+        key=keys["raw_images"],
+        group_name=tk,
+        tags=tags,
+        description=f"The image files under `{task_dir}` (never modified). Data version: "
+        "fingerprint of every file's (path, size, mtime) and of task.yaml.",
+    )
+    def raw_images(context: dg.AssetExecutionContext) -> dg.ObserveResult:
+        with user_errors(task_dir):
+            scan = load_task_config(task_dir).scan
+            version, md = stages.observe_raw(task_dir, scan)
+        return dg.ObserveResult(data_version=dg.DataVersion(version), metadata=md)
+
+    @dg.asset(**spec_kwargs("inventory", ["raw_images"]), description="One row per image file.")
+    def inventory(config: ScanOverrides, artifacts: ArtifactStore):  # type: ignore[valid-type]
+        with user_errors(task_dir):
+            result = stages.run_inventory(task_dir, artifacts.task(task), resolve("scan", config))
+        yield from _events(keys["inventory"], "inventory", result)
+
+    @dg.asset(
+        **spec_kwargs("integrity", ["inventory"]),
+        description="Every file fully decoded and hashed; findings with stable issue codes.",
+    )
+    def integrity(config: IntegrityOverrides, artifacts: ArtifactStore):  # type: ignore[valid-type]
+        with user_errors(task_dir):
+            cfg = resolve("integrity", config)
+            result = stages.run_integrity(task_dir, artifacts.task(task), cfg)
+        yield from _events(keys["integrity"], "integrity", result)
+
+    @dg.asset(
+        **spec_kwargs("splits", ["integrity"]),
+        description="Stable, stratified train/val/test manifest of the usable images.",
+    )
+    def splits(config: SplitOverrides, artifacts: ArtifactStore):  # type: ignore[valid-type]
+        with user_errors(task_dir):
+            result = stages.run_splits(artifacts.task(task), resolve("split", config))
+        yield from _events(keys["splits"], "splits", result)
+
+    @dg.asset(
+        **spec_kwargs("sampling_weights", ["splits"]),
+        description="Per-image sampling weights (mean 1 over train) and the per-class table.",
+    )
+    def sampling_weights(config: SamplingOverrides, artifacts: ArtifactStore):  # type: ignore[valid-type]
+        with user_errors(task_dir):
+            result = stages.run_sampling(artifacts.task(task), resolve("sampling", config))
+        yield from _events(keys["sampling_weights"], "sampling_weights", result)
+
+    @dg.asset(
+        **spec_kwargs("model", ["splits", "sampling_weights"]),
+        pool="gpu",
+        kinds={"pytorch"},
+        description="A timm classifier trained on the train split; best epoch on val.",
+    )
+    def model(
+        context: dg.AssetExecutionContext,
+        config: TrainOverrides,  # type: ignore[valid-type]
+        artifacts: ArtifactStore,
+        torch_device: TorchDevice,
+    ):
+        with user_errors(task_dir):
+            result = stages.run_training(
+                task_dir,
+                artifacts.task(task),
+                resolve("train", config),
+                torch_device.runtime(),
+                context.log.info,
+            )
+        yield from _events(keys["model"], "model", result)
+
+    @dg.asset(
+        **spec_kwargs("evaluation", ["model", "splits"]),
+        description="Metrics, per-class table, confusion matrix, predictions and report.",
+    )
+    def evaluation(
+        config: EvaluationOverrides,  # type: ignore[valid-type]
+        artifacts: ArtifactStore,
+        torch_device: TorchDevice,
+    ):
+        with user_errors(task_dir):
+            result = stages.run_evaluation(
+                task_dir,
+                artifacts.task(task),
+                resolve("evaluation", config),
+                torch_device.runtime(),
+            )
+        yield from _events(keys["evaluation"], "evaluation", result)
+
+    @dg.asset(
+        **spec_kwargs("calibration", ["evaluation"]),
+        description="Per-class precision-threshold tables, temperature and calibrator.",
+    )
+    def calibration(config: CalibrationOverrides, artifacts: ArtifactStore):  # type: ignore[valid-type]
+        with user_errors(task_dir):
+            result = stages.run_calibration(artifacts.task(task), resolve("calibration", config))
+        yield from _events(keys["calibration"], "calibration", result)
+
+    return [
+        raw_images,
+        inventory,
+        integrity,
+        splits,
+        sampling_weights,
+        model,
+        evaluation,
+        calibration,
+    ]
+
+
+def build_leaderboard(tasks: list[str]) -> dg.AssetsDefinition:
+    """``summary/leaderboard``: one row per task, from every task's latest results."""
+    deps = [dg.AssetKey([task_key(t), "calibration"]) for t in tasks]
+
+    @dg.asset(
+        key=dg.AssetKey(["summary", "leaderboard"]),
+        deps=deps,
+        group_name="summary",
+        code_version=stages.CODE_VERSIONS["leaderboard"],
+        description="One row per task: data counts, model, metrics, calibration, when trained.",
+    )
+    def leaderboard(artifacts: ArtifactStore) -> dg.MaterializeResult:
+        result = stages.run_leaderboard(artifacts.path, tasks)
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(result.fingerprint), metadata=stage_metadata(result)
+        )
+
+    return leaderboard

@@ -1,0 +1,77 @@
+"""The code location loads with the expected per-task assets, checks, pools and versions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+
+from assets.definitions import build_definitions
+from assets.factory import STAGES, task_key
+from mtmc_pipeline.stages import CODE_VERSIONS
+
+
+def _keys(defs: dg.Definitions) -> set[str]:
+    graph = defs.resolve_asset_graph()
+    return {k.to_user_string() for k in graph.get_all_asset_keys()}
+
+
+def test_every_task_gets_every_stage(tiny_root: Path, tmp_path: Path) -> None:
+    defs = build_definitions(tiny_root, tmp_path)
+    expected = {f"{t}/{s}" for t in ("digits", "pattern") for s in STAGES}
+    assert _keys(defs) == expected | {"summary/leaderboard"}
+
+
+def test_checks_are_declared(tiny_root: Path, tmp_path: Path) -> None:
+    graph = build_definitions(tiny_root, tmp_path).resolve_asset_graph()
+    checks = {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys}
+    assert ("digits/integrity", "error_fraction") in checks
+    assert ("pattern/splits", "no_hash_in_two_splits") in checks
+    assert ("pattern/evaluation", "beats_majority_baseline") in checks
+    assert ("digits/calibration", "thresholds_monotone") in checks
+    blocking = {
+        (k.asset_key.to_user_string(), k.name)
+        for k in graph.asset_check_keys
+        if graph.get_check_spec(k).blocking
+    }
+    assert ("digits/integrity", "error_fraction") in blocking
+
+
+def test_training_uses_the_gpu_pool_and_versions_are_set(tiny_root: Path, tmp_path: Path) -> None:
+    defs = build_definitions(tiny_root, tmp_path)
+    graph = defs.resolve_asset_graph()
+    model = graph.get(dg.AssetKey(["digits", "model"]))
+    assert model.pools == {"gpu"}
+    for stage in STAGES[1:]:
+        node = graph.get(dg.AssetKey(["pattern", stage]))
+        assert node.code_version == CODE_VERSIONS[stage]
+        assert node.group_name == "pattern"
+
+
+def test_lineage_follows_the_stages(tiny_root: Path, tmp_path: Path) -> None:
+    graph = build_definitions(tiny_root, tmp_path).resolve_asset_graph()
+    parents = {
+        s: {k.to_user_string() for k in graph.get(dg.AssetKey(["digits", s])).parent_keys}
+        for s in STAGES[1:]
+    }
+    assert parents["inventory"] == {"digits/raw_images"}
+    assert parents["model"] == {"digits/splits", "digits/sampling_weights"}
+    assert parents["calibration"] == {"digits/evaluation"}
+    board = graph.get(dg.AssetKey(["summary", "leaderboard"])).parent_keys
+    assert {k.to_user_string() for k in board} == {"digits/calibration", "pattern/calibration"}
+
+
+def test_non_ascii_task_names_get_safe_stable_keys(tmp_path: Path) -> None:
+    for name in ("印花", "🐱 cats", "café crème"):
+        (tmp_path / name / "a").mkdir(parents=True)
+    keys = {task_key(n) for n in ("印花", "🐱 cats", "café crème")}
+    assert len(keys) == 3 and all(k.isascii() for k in keys)
+    assert task_key("印花").startswith("yinhua_")
+    assert task_key("印花") == task_key("印花")
+    defs = build_definitions(tmp_path, tmp_path / "artifacts")
+    assert f"{task_key('印花')}/model" in _keys(defs)
+
+
+def test_missing_data_root_still_loads(tmp_path: Path) -> None:
+    defs = build_definitions(tmp_path / "nope", tmp_path / "artifacts")
+    assert _keys(defs) == {"summary/leaderboard"}

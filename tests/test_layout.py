@@ -1,0 +1,88 @@
+"""Task and class discovery, both layouts, and the odd things real folders contain."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from mtmc_pipeline.layout import DataRootError, discover_tasks, listing_fingerprint, scan_task
+
+
+def _touch(path: Path, data: bytes = b"x") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def test_discover_tasks_skips_hidden_and_files(tmp_path: Path) -> None:
+    for name in ("b", "a", ".hidden"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    assert discover_tasks(tmp_path) == ["a", "b"]
+    with pytest.raises(DataRootError, match="does not exist"):
+        discover_tasks(tmp_path / "missing")
+
+
+def test_flat_layout_with_nested_folders_and_litter(tmp_path: Path) -> None:
+    task = tmp_path / "t"
+    _touch(task / "猫" / "a.jpg")
+    _touch(task / "猫" / "sub" / "deeper" / "b 😀.PNG")
+    _touch(task / "狗" / "c.jpeg")
+    _touch(task / "狗" / ".DS_Store")
+    _touch(task / "狗" / "Thumbs.db")
+    _touch(task / "狗" / "readme.txt")
+    _touch(task / ".git" / "x.jpg")
+    scan = scan_task(task)
+    inv = scan.inventory.sort_values("relpath")
+    assert scan.layout == "flat"
+    assert inv["relpath"].tolist() == ["狗/c.jpeg", "猫/a.jpg", "猫/sub/deeper/b 😀.PNG"]
+    assert inv["class_name"].tolist() == ["狗", "猫", "猫"]
+    assert set(inv["split_dir"]) == {"none"}
+    assert inv["ext"].tolist() == [".jpeg", ".jpg", ".png"]
+    assert scan.skipped == {"hidden": 2, "os_litter": 1, "not_image_extension": 1}
+
+
+def test_split_layout(tmp_path: Path) -> None:
+    task = tmp_path / "t"
+    _touch(task / "train" / "a" / "1.jpg")
+    _touch(task / "val" / "a" / "2.jpg")
+    _touch(task / "test" / "b" / "3.jpg")
+    _touch(task / "extra" / "a" / "4.jpg")
+    (task / "task.yaml").write_text("{}")
+    scan = scan_task(task)
+    assert scan.layout == "split"
+    assert dict(zip(scan.inventory["relpath"], scan.inventory["split_dir"], strict=True)) == {
+        "train/a/1.jpg": "train",
+        "val/a/2.jpg": "val",
+        "test/b/3.jpg": "test",
+    }
+    assert scan.skipped["dir_outside_split"] == 1
+
+
+def test_symlinks_followed_loops_and_broken_links_recorded(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(b"abc")
+    task = tmp_path / "t"
+    _touch(task / "a" / "real.jpg")
+    os.symlink(outside, task / "a" / "link.jpg")
+    os.symlink(tmp_path / "missing.jpg", task / "a" / "broken.jpg")
+    os.symlink(task / "a", task / "a" / "loop")
+    scan = scan_task(task)
+    rows = scan.inventory.set_index("relpath")
+    assert rows.loc["a/link.jpg", "bytes"] == 3
+    assert rows.loc["a/broken.jpg", "bytes"] == -1
+    assert any(p["problem"] == "symlink_loop" for p in scan.problems)
+    assert len(rows) == 3
+
+
+def test_listing_fingerprint_tracks_files_and_task_yaml(tmp_path: Path) -> None:
+    task = tmp_path / "t"
+    _touch(task / "a" / "1.jpg")
+    fp1 = listing_fingerprint(task, scan_task(task).inventory)
+    assert fp1 == listing_fingerprint(task, scan_task(task).inventory)
+    _touch(task / "a" / "2.jpg")
+    fp2 = listing_fingerprint(task, scan_task(task).inventory)
+    (task / "task.yaml").write_text("train: {epochs: 3}\n")
+    fp3 = listing_fingerprint(task, scan_task(task).inventory)
+    assert len({fp1, fp2, fp3}) == 3

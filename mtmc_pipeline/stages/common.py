@@ -1,0 +1,82 @@
+"""What every stage shares: code versions, input fingerprints, and the result it reports.
+
+Every stage computes an *input fingerprint* from its upstream outputs' fingerprints, its
+resolved configuration and its code version. If the stored output was made from the same
+fingerprint it is reused (no decoding, no training) and the result says so. The fingerprint
+is also the stage's data version in Dagster, so an unchanged input never makes a downstream
+stage stale.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mtmc_pipeline.artifacts import fingerprint, stored_fingerprint
+
+# Bump a stage's version whenever its logic changes what it writes: its output and everything
+# downstream then count as stale (Dagster shows it, and fingerprints stop matching).
+CODE_VERSIONS: dict[str, str] = {
+    "raw_images": "1",
+    "inventory": "1",
+    "integrity": "1",
+    "splits": "1",
+    "sampling_weights": "1",
+    "model": "1",
+    "evaluation": "1",
+    "calibration": "1",
+    "leaderboard": "1",
+}
+
+
+@dataclass(frozen=True)
+class Markdown:
+    text: str
+
+
+@dataclass(frozen=True)
+class Png:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    passed: bool
+    description: str
+    severity: str = "error"  # "error" or "warn"
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageResult:
+    """What a stage produced: its data version, whether it was reused, what to show."""
+
+    fingerprint: str
+    reused: bool
+    metadata: dict[str, Any] = field(default_factory=dict)
+    checks: dict[str, CheckOutcome] = field(default_factory=dict)
+
+
+def upstream_fingerprint(path: Path, stage: str) -> str:
+    """The fingerprint stored in an upstream output; a clear error when it is missing."""
+    fp = stored_fingerprint(path)
+    if fp is None:
+        raise FileNotFoundError(f"{path} is missing: materialize the {stage!r} stage first")
+    return fp
+
+
+def stage_fingerprint(stage: str, *inputs: Any) -> str:
+    """The input fingerprint of ``stage``: its code version and everything it reads."""
+    return fingerprint(stage, CODE_VERSIONS[stage], *inputs)
+
+
+def record_elapsed(
+    metadata: dict[str, Any], start: float, count: int | None = None, unit: str = ""
+) -> None:
+    """Add elapsed seconds (and a throughput when ``count`` is given) to ``metadata``."""
+    seconds = time.perf_counter() - start
+    metadata["elapsed_s"] = round(seconds, 3)
+    if count is not None and seconds > 0:
+        metadata[f"{unit}_per_s"] = round(count / seconds, 1)

@@ -1,0 +1,226 @@
+"""Data stages: inventory, integrity, split manifest and sampling weights."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from mtmc_pipeline import artifacts as af
+from mtmc_pipeline.artifacts import TaskArtifacts, stored_fingerprint
+from mtmc_pipeline.config import IntegrityConfig, SamplingConfig, ScanConfig, SplitConfig
+from mtmc_pipeline.integrity import check_integrity, usable_rows
+from mtmc_pipeline.layout import listing_fingerprint, scan_task
+from mtmc_pipeline.plots import bar_png
+from mtmc_pipeline.sampling import sampling_weights
+from mtmc_pipeline.splits import (
+    TaskDataError,
+    class_names_from_schema,
+    class_split_counts,
+    leaking_hashes,
+    make_splits,
+    splits_schema,
+)
+from mtmc_pipeline.stages.common import (
+    CheckOutcome,
+    Png,
+    StageResult,
+    record_elapsed,
+    stage_fingerprint,
+    upstream_fingerprint,
+)
+
+
+def observe_raw(task_dir: Path, config: ScanConfig | None = None) -> tuple[str, dict[str, Any]]:
+    """The raw folder's data version (listing fingerprint) and a few counts, without decoding."""
+    scan = scan_task(task_dir, config)
+    inv = scan.inventory
+    return listing_fingerprint(task_dir, inv), {
+        "files": len(inv),
+        "bytes": int(inv["bytes"].clip(0).sum()),
+    }
+
+
+def run_inventory(task_dir: Path, art: TaskArtifacts, config: ScanConfig) -> StageResult:
+    start = time.perf_counter()
+    scan = scan_task(task_dir, config)
+    inv = scan.inventory
+    if inv.empty:
+        raise TaskDataError(
+            f"task folder {task_dir} has no image files "
+            f"(extensions {', '.join(config.extensions)}); skipped: {dict(scan.skipped) or 'none'}"
+        )
+    fp = stage_fingerprint("inventory", listing_fingerprint(task_dir, inv), config.model_dump())
+    reused = stored_fingerprint(art.inventory) == fp
+    if not reused:
+        af.write_parquet(art.inventory, inv, fp, meta=scan.summary())
+    md: dict[str, Any] = {
+        "files": len(inv),
+        "classes": inv["class_name"].nunique(),
+        "layout": scan.layout,
+        "skipped": dict(scan.skipped),
+        "walk_problems": len(scan.problems),
+        "class_by_split_dir": inv.pivot_table(
+            index="class_name", columns="split_dir", values="relpath", aggfunc="count", fill_value=0
+        ),
+        "path": str(art.inventory),
+    }
+    if scan.problems:
+        md["walk_problem_list"] = pd.DataFrame(scan.problems).head(20)
+    record_elapsed(md, start, len(inv), "files")
+    return StageResult(fp, reused, md)
+
+
+def run_integrity(task_dir: Path, art: TaskArtifacts, config: IntegrityConfig) -> StageResult:
+    start = time.perf_counter()
+    fp = stage_fingerprint(
+        "integrity", upstream_fingerprint(art.inventory, "inventory"), config.model_dump()
+    )
+    reused = stored_fingerprint(art.integrity) == fp
+    if reused:
+        df = af.read_parquet(art.integrity)
+        summary = af.parquet_meta(art.integrity)
+        summary["decoded"] = 0
+    else:
+        inventory = af.read_parquet(art.inventory)
+        previous = af.read_parquet(art.integrity) if art.integrity.exists() else None
+        df, summary = check_integrity(task_dir, inventory, config, previous)
+        af.write_parquet(
+            art.integrity, df, fp, meta={k: v for k, v in summary.items() if k != "decoded"}
+        )
+    md = integrity_metadata(df, summary)
+    md["path"] = str(art.integrity)
+    record_elapsed(md, start, summary.get("decoded", 0), "decoded")
+    return StageResult(fp, reused, md, integrity_checks(df, config))
+
+
+def integrity_metadata(df: pd.DataFrame, summary: dict[str, Any]) -> dict[str, Any]:
+    codes = pd.Series([c for issues in df["issues"] for c in issues], dtype=object)
+    problems = df[df["status"] != "ok"][["relpath", "class_name", "status", "issues", "detail"]]
+    problems = problems.assign(issues=problems["issues"].map(", ".join))
+    return {
+        "files": len(df),
+        "ok": int((df["status"] == "ok").sum()),
+        "warn": int((df["status"] == "warn").sum()),
+        "error": int((df["status"] == "error").sum()),
+        "decoded": int(summary.get("decoded", 0)),
+        "reused_findings": int(summary.get("reused", 0)),
+        "issue_counts": codes.value_counts().rename_axis("issue").rename("files").to_frame(),
+        "problem_files": problems.head(25),
+        "task_findings": summary.get("task_findings", []),
+        "class_by_split_dir": df.pivot_table(
+            index="class_name", columns="split_dir", values="relpath", aggfunc="count", fill_value=0
+        ),
+    }
+
+
+def integrity_checks(df: pd.DataFrame, config: IntegrityConfig) -> dict[str, CheckOutcome]:
+    n = max(len(df), 1)
+    errors = int((df["status"] == "error").sum())
+    fraction = errors / n
+    leaks = df[df["issues"].map(lambda c: "cross_split_leak" in c)]
+    return {
+        "error_fraction": CheckOutcome(
+            fraction <= config.max_error_fraction,
+            f"{errors} of {len(df)} files ({fraction:.1%}) have errors; "
+            f"allowed {config.max_error_fraction:.1%} (integrity.max_error_fraction)",
+            "error",
+            {"error_files": errors, "error_fraction": fraction},
+        ),
+        "no_split_leakage": CheckOutcome(
+            leaks.empty,
+            f"{len(leaks)} files have identical bytes in another split folder"
+            + (" (they are excluded)" if len(leaks) else ""),
+            "warn",
+            {"leaking_files": leaks["relpath"].head(20).tolist()},
+        ),
+    }
+
+
+def _splits_settings(path: Path) -> dict[str, Any] | None:
+    return af.parquet_meta(path).get("split_config") if path.exists() else None
+
+
+def run_splits(art: TaskArtifacts, config: SplitConfig) -> StageResult:
+    start = time.perf_counter()
+    fp = stage_fingerprint(
+        "splits", upstream_fingerprint(art.integrity, "integrity"), config.model_dump()
+    )
+    reused = stored_fingerprint(art.splits) == fp
+    if reused:
+        manifest = af.read_parquet(art.splits)
+        classes = class_names_from_schema(pq.read_schema(art.splits))
+    else:
+        integrity = af.read_parquet(art.integrity)
+        same_settings = _splits_settings(art.splits) == config.model_dump()
+        previous = af.read_parquet(art.splits) if same_settings else None
+        manifest, classes = make_splits(usable_rows(integrity), config, previous, art.task)
+        af.write_parquet(
+            art.splits,
+            manifest,
+            fp,
+            meta={"split_config": config.model_dump(), "class_names": classes},
+            schema=splits_schema(classes),
+        )
+    inventory_classes = sorted(af.read_parquet(art.inventory)["class_name"].unique())
+    md = {
+        "images": len(manifest),
+        "classes": len(classes),
+        "by_split": manifest["split"].value_counts().to_dict(),
+        "class_by_split": class_split_counts(manifest),
+        "path": str(art.splits),
+    }
+    record_elapsed(md, start)
+    return StageResult(fp, reused, md, splits_checks(manifest, classes, inventory_classes))
+
+
+def splits_checks(
+    manifest: pd.DataFrame, classes: list[str], inventory_classes: list[str]
+) -> dict[str, CheckOutcome]:
+    in_train = set(manifest.loc[manifest["split"] == "train", "class_name"])
+    missing = [c for c in inventory_classes if c not in in_train]
+    leaks = leaking_hashes(manifest)
+    return {
+        "every_class_in_train": CheckOutcome(
+            not missing,
+            "every class folder has training images"
+            if not missing
+            else f"classes without usable training images (left out of the model): {missing}",
+            "warn",
+            {"missing_classes": missing},
+        ),
+        "no_hash_in_two_splits": CheckOutcome(
+            len(leaks) == 0,
+            f"{len(leaks)} identical images appear in more than one split",
+            "error",
+            {"leaking_hashes": [str(h) for h in leaks[:20]]},
+        ),
+    }
+
+
+def run_sampling(art: TaskArtifacts, config: SamplingConfig) -> StageResult:
+    start = time.perf_counter()
+    fp = stage_fingerprint(
+        "sampling_weights", upstream_fingerprint(art.splits, "splits"), config.model_dump()
+    )
+    reused = stored_fingerprint(art.sampling_weights) == fp
+    if reused:
+        table = af.read_parquet(art.class_weights)
+    else:
+        manifest = af.read_parquet(art.splits)
+        classes = class_names_from_schema(pq.read_schema(art.splits))
+        weights, table = sampling_weights(manifest, classes, config)
+        af.write_parquet(art.class_weights, table, fp)
+        af.write_parquet(art.sampling_weights, weights, fp, meta={"strategy": config.strategy})
+    shares = table.set_index("class_name")[["share_before", "expected_share"]]
+    md = {
+        "strategy": config.strategy,
+        "class_table": table,
+        "expected_share_plot": Png(bar_png(shares["expected_share"], "expected share of draws")),
+        "path": str(art.sampling_weights),
+    }
+    record_elapsed(md, start)
+    return StageResult(fp, reused, md)

@@ -1,0 +1,93 @@
+"""The model stage: train (or reuse) the task's classifier and write its bundle."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from mtmc_pipeline import artifacts as af
+from mtmc_pipeline.artifacts import TaskArtifacts, stored_fingerprint
+from mtmc_pipeline.config import TrainConfig
+from mtmc_pipeline.models import MODEL_FILE, save_bundle
+from mtmc_pipeline.plots import history_png
+from mtmc_pipeline.runtime import Runtime
+from mtmc_pipeline.splits import class_names_from_schema
+from mtmc_pipeline.stages.common import (
+    Png,
+    StageResult,
+    record_elapsed,
+    stage_fingerprint,
+    upstream_fingerprint,
+)
+from mtmc_pipeline.train import train_model
+
+
+def run_training(
+    task_dir: Path,
+    art: TaskArtifacts,
+    config: TrainConfig,
+    runtime: Runtime,
+    log: Callable[[str], None] = print,
+) -> StageResult:
+    start = time.perf_counter()
+    fp = stage_fingerprint(
+        "model",
+        upstream_fingerprint(art.splits, "splits"),
+        upstream_fingerprint(art.sampling_weights, "sampling_weights"),
+        config.model_dump(),
+        runtime.precision,
+    )
+    model_json = art.model_dir / MODEL_FILE
+    reused = stored_fingerprint(model_json) == fp
+    if not reused:
+        manifest = af.read_parquet(art.splits)
+        classes = class_names_from_schema(pq.read_schema(art.splits))
+        weights = af.read_parquet(art.sampling_weights)
+        log(f"training {config.model} on {runtime.describe()} for task {art.task!r}")
+        result = train_model(
+            manifest, classes, weights, task_dir, art.work_dir / "cache", config, runtime, log
+        )
+        info = {
+            "arch": config.model,
+            "class_names": classes,
+            "img_size": config.img_size,
+            "mean": list(result.preprocess.mean),
+            "std": list(result.preprocess.std),
+            "interpolation": result.preprocess.interpolation,
+            "config": config.model_dump(),
+            "fingerprint": fp,
+            "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history),
+            "metrics": result.best_metrics,
+            "parameters": result.parameters,
+            "device": runtime.describe(),
+            "precision": runtime.precision,
+            "train_seconds": round(result.seconds, 2),
+            "images_per_second": round(result.images_per_second, 1),
+            "trained_at": pd.Timestamp.now(tz="UTC").isoformat(),
+        }
+        with af.atomic_dir(art.model_dir) as tmp:
+            save_bundle(tmp, result.model, info)
+            af.write_parquet(tmp / "history.parquet", result.history)
+    info = af.read_json(model_json)
+    history = af.read_parquet(art.model_dir / "history.parquet")
+    md = {
+        "arch": info["arch"],
+        "parameters": info["parameters"],
+        "device": runtime.describe() if not reused else info["device"],
+        "precision": info["precision"],
+        "best_epoch": info["best_epoch"] + 1,
+        "epochs_run": info["epochs_run"],
+        "val_accuracy": info["metrics"].get("accuracy"),
+        "val_macro_f1": info["metrics"].get("macro_f1"),
+        "train_images_per_s": info["images_per_second"],
+        "train_seconds": info["train_seconds"],
+        "curves": Png(history_png(history)),
+        "path": str(art.model_dir),
+    }
+    record_elapsed(md, start)
+    return StageResult(fp, reused, md)

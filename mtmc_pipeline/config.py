@@ -34,8 +34,15 @@ class _Section(BaseModel):
 class ScanConfig(_Section):
     extensions: list[str] = Field(
         default=[".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"],
-        description="Extensions (lower case) that count as images; other files are skipped.",
+        description="Extensions that count as images (any case); other files are skipped.",
     )
+
+    @field_validator("extensions")
+    @classmethod
+    def _dotted_lower_case(cls, extensions: list[str]) -> list[str]:
+        if not extensions:
+            raise ValueError("needs at least one extension, e.g. ['.jpg', '.png']")
+        return sorted({e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions})
 
 
 class IntegrityConfig(_Section):
@@ -50,8 +57,20 @@ class IntegrityConfig(_Section):
     )
     workers: int = Field(0, ge=0, description="Decode processes; 0 means one per CPU core.")
     severity: dict[str, Literal["error", "warn", "ignore"]] = Field(
-        default_factory=dict, description="Override the severity of an issue code."
+        default_factory=dict,
+        description="Override the severity of an issue code: error (excluded from training), "
+        "warn (kept) or ignore (not reported).",
     )
+
+    @field_validator("severity")
+    @classmethod
+    def _known_issue_codes(cls, severity: dict[str, str]) -> dict[str, str]:
+        from mtmc_pipeline.integrity import ISSUES  # the codes live with the checks
+
+        unknown = sorted(set(severity) - set(ISSUES))
+        if unknown:
+            raise ValueError(f"unknown issue codes {unknown}; known: {', '.join(ISSUES)}")
+        return severity
 
 
 class SplitConfig(_Section):

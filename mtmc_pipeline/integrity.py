@@ -6,19 +6,29 @@ folders) run afterwards on the content hashes. Nothing is ever written to the ra
 
 Files whose (relpath, size, mtime) are unchanged since the previous run reuse their
 per-file results, so adding a handful of images to a large task decodes only those.
+
+What keeps one hostile file from hurting the run: files are opened non-blocking and only
+regular files are read (a pipe named ``x.jpg`` cannot hang it); the decoder is chosen by the
+file's leading bytes, never guessed; image dimensions are checked against ``max_pixels``
+before any pixel is decoded; files above 64 MiB are hashed in blocks instead of read whole;
+and a worker process that dies on a file is replaced, that file recorded as ``unreadable``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
+import stat
 import warnings
-from collections.abc import Iterable, Mapping
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO
 
+import numpy as np
 import pandas as pd
 from PIL import Image, ImageFile
 
@@ -41,24 +51,25 @@ EXACT_DUPLICATE = "exact_duplicate"
 CONFLICTING_LABELS = "conflicting_labels"
 CROSS_SPLIT_LEAK = "cross_split_leak"
 
-DEFAULT_SEVERITY: dict[str, str] = {
-    EMPTY_FILE: "error",
-    UNREADABLE: "error",
-    NOT_AN_IMAGE: "error",
-    EXTENSION_MISMATCH: "warn",
-    TRUNCATED: "error",
-    DECOMPRESSION_BOMB: "error",
-    TOO_SMALL: "error",
-    CMYK: "warn",
-    HIGH_BIT_DEPTH: "warn",
-    PALETTE_ALPHA: "warn",
-    ANIMATED: "warn",
-    EXIF_ROTATED: "warn",
-    EXACT_DUPLICATE: "warn",
-    CONFLICTING_LABELS: "error",
-    CROSS_SPLIT_LEAK: "error",
+# code -> (default severity, meaning). "error" excludes the file from training, "warn" keeps it.
+ISSUES: dict[str, tuple[str, str]] = {
+    EMPTY_FILE: ("error", "the file has zero bytes"),
+    UNREADABLE: ("error", "cannot be read: permission, broken link, not a regular file"),
+    NOT_AN_IMAGE: ("error", "leading bytes are not JPEG, PNG, GIF, BMP, TIFF or WebP"),
+    EXTENSION_MISMATCH: ("warn", "the extension names another format than the bytes"),
+    TRUNCATED: ("error", "truncated or corrupt: the full decode failed"),
+    DECOMPRESSION_BOMB: ("error", "width x height above integrity.max_pixels; not decoded"),
+    TOO_SMALL: ("error", "a side shorter than integrity.min_side"),
+    CMYK: ("warn", "CMYK colour; converted to RGB for training"),
+    HIGH_BIT_DEPTH: ("warn", "16 bits per channel or float pixels; reduced to 8 bits"),
+    PALETTE_ALPHA: ("warn", "palette image with transparency; composited for training"),
+    ANIMATED: ("warn", "several frames; only the first is used"),
+    EXIF_ROTATED: ("warn", "EXIF orientation is not 1; the image is turned upright"),
+    EXACT_DUPLICATE: ("warn", "same bytes as an earlier file of the same class and split"),
+    CONFLICTING_LABELS: ("error", "the same bytes are filed under two or more classes"),
+    CROSS_SPLIT_LEAK: ("error", "same bytes as a file in another split (train wins)"),
 }
-CROSS_FILE_CODES = frozenset({EXACT_DUPLICATE, CONFLICTING_LABELS, CROSS_SPLIT_LEAK})
+DEFAULT_SEVERITY: dict[str, str] = {code: sev for code, (sev, _) in ISSUES.items()}
 
 # Task-level findings (stored in the integrity file's metadata, shown in the UI).
 CLASS_WITHOUT_USABLE_IMAGE = "class_without_usable_image"
@@ -72,7 +83,7 @@ _MAGIC: list[tuple[bytes, int, str]] = [
     (b"BM", 0, "BMP"),
     (b"II*\x00", 0, "TIFF"),
     (b"MM\x00*", 0, "TIFF"),
-    (b"WEBP", 8, "WEBP"),
+    (b"RIFF", 0, "WEBP"),  # and "WEBP" at offset 8, checked in sniff_format
 ]
 _EXT_FORMAT = {
     ".jpg": "JPEG",
@@ -86,125 +97,204 @@ _EXT_FORMAT = {
 }
 _HIGH_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _SPLIT_ORDER = {"train": 0, "none": 0, "val": 1, "test": 2}
+_IN_MEMORY_LIMIT = 64 * 2**20  # larger files are hashed in blocks and decoded from disk
 PER_FILE_COLUMNS = ["width", "height", "mode", "format", "content_hash", "file_issues", "detail"]
+KEY_COLUMNS = ["relpath", "bytes", "mtime_ns"]
+
+PerFile = tuple[int | None, int | None, str | None, str | None, str | None, list[str], str | None]
 
 
 def sniff_format(head: bytes) -> str | None:
     """The image format named by a file's first bytes, or None."""
     for magic, offset, name in _MAGIC:
         if head[offset : offset + len(magic)] == magic:
+            if name == "WEBP" and head[8:12] != b"WEBP":
+                return None
             return name
     return None
 
 
 @dataclass(frozen=True)
-class _Limits:
+class Limits:
+    """The per-file settings; findings made under other limits are not reused."""
+
     min_side: int
     max_pixels: int
 
+    @classmethod
+    def of(cls, config: IntegrityConfig) -> Limits:
+        return cls(config.min_side, config.max_pixels)
 
-def inspect_file(path: str, ext: str, limits: _Limits) -> dict[str, object]:
-    """Read, hash and fully decode one file. Never raises: problems become issue codes."""
-    out: dict[str, object] = dict.fromkeys(PER_FILE_COLUMNS)
-    issues: list[str] = []
-    out["file_issues"] = issues
+
+def _open_regular(path: str) -> tuple[IO[bytes] | None, str | None]:
+    """The open file, or None and why it cannot be read. Never blocks on a pipe or device."""
     try:
-        data = Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
-        issues.append(UNREADABLE)
-        out["detail"] = f"{type(e).__name__}: {e.strerror or e}"
-        return out
-    out["content_hash"] = hashlib.blake2b(data, digest_size=16).hexdigest()
-    if not data:
-        issues.append(EMPTY_FILE)
-        return out
-    sniffed = sniff_format(data[:16])
-    if sniffed is None:
-        issues.append(NOT_AN_IMAGE)
-        out["detail"] = f"unrecognised leading bytes {data[:8].hex()}"
-        return out
-    if _EXT_FORMAT.get(ext) not in (None, sniffed):
-        issues.append(EXTENSION_MISMATCH)
+        return None, f"{type(e).__name__}: {e.strerror or e}"
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        return None, "not a regular file (a pipe, socket or device)"
+    return os.fdopen(fd, "rb"), None
+
+
+def _hash_and_source(f: IO[bytes]) -> tuple[str, bytes, IO[bytes]]:
+    """(content hash, first 32 bytes, a readable stream positioned at 0) of an open file."""
+    data = f.read(_IN_MEMORY_LIMIT + 1)
+    if len(data) <= _IN_MEMORY_LIMIT:
+        return hashlib.blake2b(data, digest_size=16).hexdigest(), data[:32], io.BytesIO(data)
+    h = hashlib.blake2b(data, digest_size=16)
+    del data
+    for block in iter(lambda: f.read(2**20), b""):
+        h.update(block)
+    f.seek(0)
+    head = f.read(32)
+    f.seek(0)
+    return h.hexdigest(), head, f
+
+
+def _png_bit_depth(head: bytes) -> int | None:
+    return head[24] if head[12:16] == b"IHDR" and len(head) > 24 else None
+
+
+def inspect_file(path: str, ext: str, limits: Limits) -> PerFile:
+    """Read, hash and fully decode one file. Never raises: problems become issue codes.
+
+    Returns the values of ``PER_FILE_COLUMNS``.
+    """
+    issues: list[str] = []
+    f, why = _open_regular(path)
+    if f is None:
+        return None, None, None, None, None, [UNREADABLE], why
+    with f:
+        try:
+            digest, head, source = _hash_and_source(f)
+        except OSError as e:
+            return None, None, None, None, None, [UNREADABLE], f"{type(e).__name__}: {e}"
+        if not head:
+            return None, None, None, None, digest, [EMPTY_FILE], None
+        fmt = sniff_format(head)
+        if fmt is None:
+            return None, None, None, None, digest, [NOT_AN_IMAGE], f"leading bytes {head[:8].hex()}"
+        if _EXT_FORMAT.get(ext, fmt) != fmt:
+            issues.append(EXTENSION_MISMATCH)
+        width = height = mode = found = None
+        try:
+            img = Image.open(source, formats=[fmt])
+            width, height = img.size
+            mode, found = img.mode, img.format
+            if width * height > limits.max_pixels:
+                issues.append(DECOMPRESSION_BOMB)
+                detail = f"{width}x{height} exceeds integrity.max_pixels={limits.max_pixels}"
+                return width, height, mode, found, digest, issues, detail
+            img.load()
+            if found != "MPO" and getattr(img, "n_frames", 1) > 1:
+                issues.append(ANIMATED)
+            if img.getexif().get(0x0112, 1) in range(2, 9):
+                issues.append(EXIF_ROTATED)
+        except Exception as e:  # any decoder failure is a finding about this file, never a crash
+            issues.append(TRUNCATED)
+            return width, height, mode, found, digest, issues, f"{type(e).__name__}: {e}"
+    if min(width, height) < limits.min_side:
+        issues.append(TOO_SMALL)
+    if mode == "CMYK":
+        issues.append(CMYK)
+    elif mode in _HIGH_BIT_MODES or _png_bit_depth(head) == 16:
+        issues.append(HIGH_BIT_DEPTH)
+    elif mode == "PA" or (mode == "P" and "transparency" in img.info):
+        issues.append(PALETTE_ALPHA)
+    return width, height, mode, found, digest, issues, None
+
+
+@contextlib.contextmanager
+def _decoder_settings() -> Iterator[None]:
+    """Our own configurable pixel limit replaces Pillow's; truncated images must fail."""
+    saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = None, False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            out.update(width=width, height=height, mode=img.mode, format=img.format)
-            if width * height > limits.max_pixels:
-                issues.append(DECOMPRESSION_BOMB)
-                out["detail"] = f"{width}x{height} exceeds max_pixels={limits.max_pixels}"
-                return out
-            img.load()
-            if getattr(img, "n_frames", 1) > 1:
-                issues.append(ANIMATED)
-            if img.getexif().get(0x0112, 1) not in (1, None):
-                issues.append(EXIF_ROTATED)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as e:
-        issues.append(TRUNCATED)
-        out["detail"] = f"{type(e).__name__}: {e}"
-        return out
-    if min(width, height) < limits.min_side:
-        issues.append(TOO_SMALL)
-    mode = img.mode
-    if mode == "CMYK":
-        issues.append(CMYK)
-    elif mode in _HIGH_BIT_MODES:
-        issues.append(HIGH_BIT_DEPTH)
-    elif mode in ("P", "PA") and ("transparency" in img.info or mode == "PA"):
-        issues.append(PALETTE_ALPHA)
-    return out
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
-def _init_worker() -> None:
-    Image.MAX_IMAGE_PIXELS = None  # we apply our own, configurable limit before decoding
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
+def _inspect_chunk(items: list[tuple[str, str]], limits: Limits) -> list[PerFile]:
+    with _decoder_settings():
+        return [inspect_file(path, ext, limits) for path, ext in items]
 
 
-def _inspect_chunk(items: list[tuple[str, str]], limits: _Limits) -> list[dict[str, object]]:
-    return [inspect_file(path, ext, limits) for path, ext in items]
+def _worker_count(config: IntegrityConfig) -> int:
+    if config.workers:
+        return config.workers
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
-def _chunks(items: list[tuple[str, str]], size: int) -> Iterable[list[tuple[str, str]]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+def _run_in_pool(
+    chunks: list[list[tuple[str, str]]], limits: Limits, workers: int
+) -> dict[int, list[PerFile]]:
+    """Results of the chunks a pool finished before any worker died (all, normally)."""
+    done: dict[int, list[PerFile]] = {}
+    with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
+        futures = {pool.submit(_inspect_chunk, chunk, limits): i for i, chunk in enumerate(chunks)}
+        wait(futures, return_when=FIRST_EXCEPTION)
+        for future, i in futures.items():
+            if future.done() and future.exception() is None:
+                done[i] = future.result()
+    return done
 
 
-def inspect_files(
-    paths: list[str], exts: list[str], config: IntegrityConfig
-) -> list[dict[str, object]]:
-    """Per-file results in input order, decoded in parallel worker processes."""
-    limits = _Limits(config.min_side, config.max_pixels)
+def inspect_files(paths: list[str], exts: list[str], config: IntegrityConfig) -> list[PerFile]:
+    """Per-file results in input order, decoded in parallel worker processes.
+
+    If a worker dies (a decoder crash, the kernel's out-of-memory killer), the chunks it
+    left unfinished are retried in smaller pieces; a single file that still kills its
+    worker is recorded as ``unreadable``.
+    """
+    limits = Limits.of(config)
     items = list(zip(paths, exts, strict=True))
-    workers = config.workers or os.cpu_count() or 1
+    workers = _worker_count(config)
     if workers == 1 or len(items) < 64:
-        _init_worker()
         return _inspect_chunk(items, limits)
-    chunk = max(16, min(256, len(items) // (workers * 4) or 1))
-    results: list[dict[str, object]] = []
-    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
-        for part in pool.map(_inspect_chunk, _chunks(items, chunk), [limits] * len(items)):
-            results.extend(part)
-    return results
+    size = max(8, min(256, len(items) // (workers * 8) or 1))
+    results: list[PerFile | None] = [None] * len(items)
+    todo = [(start, items[start : start + size]) for start in range(0, len(items), size)]
+    while todo:
+        done = _run_in_pool([chunk for _, chunk in todo], limits, workers)
+        retry: list[tuple[int, list[tuple[str, str]]]] = []
+        for i, (start, chunk) in enumerate(todo):
+            if i in done:
+                results[start : start + len(chunk)] = done[i]
+            elif len(chunk) > 1:
+                half = len(chunk) // 2
+                retry += [(start, chunk[:half]), (start + half, chunk[half:])]
+            else:
+                detail = "the decoder process died on this file"
+                results[start] = (None, None, None, None, None, [UNREADABLE], detail)
+        todo = retry
+    return results  # type: ignore[return-value]
 
 
-def _cross_file_issues(df: pd.DataFrame) -> pd.Series:
+def _cross_file_issues(df: pd.DataFrame) -> dict[int, list[str]]:
     """Issue codes that need the whole task: duplicates, conflicting labels, split leakage."""
-    out: dict[int, list[str]] = {i: [] for i in df.index}
-    hashed = df[df["content_hash"].notna() & (df["bytes"] > 0)]
-    for _, group in hashed.groupby("content_hash", sort=False):
-        if len(group) < 2:
-            continue
+    out: dict[int, list[str]] = {}
+    hashed = df["content_hash"].notna() & (df["bytes"] != 0)
+    copies = df[hashed & df["content_hash"].duplicated(keep=False)]
+    if copies.empty:
+        return out
+    copies = copies.assign(_s=copies["split_dir"].map(_SPLIT_ORDER))
+    for _, group in copies.sort_values(["_s", "relpath"]).groupby("content_hash", sort=False):
         if group["class_name"].nunique() > 1:
             for i in group.index:
-                out[i].append(CONFLICTING_LABELS)
+                out[i] = [CONFLICTING_LABELS]
             continue
-        order = group.assign(_s=group["split_dir"].map(_SPLIT_ORDER)).sort_values(["_s", "relpath"])
-        first_split = order["split_dir"].iloc[0]
-        for i in order.index[1:]:
-            leak = df.at[i, "split_dir"] != first_split
-            out[i].append(CROSS_SPLIT_LEAK if leak else EXACT_DUPLICATE)
-    return pd.Series(out)
+        first_split = group["split_dir"].iloc[0]
+        for i, split in zip(group.index[1:], group["split_dir"].iloc[1:], strict=True):
+            out[i] = [CROSS_SPLIT_LEAK if split != first_split else EXACT_DUPLICATE]
+    return out
 
 
 def _status(issues: list[str], severity: Mapping[str, str]) -> str:
@@ -214,61 +304,89 @@ def _status(issues: list[str], severity: Mapping[str, str]) -> str:
     return "warn" if "warn" in levels else "ok"
 
 
+def _reusable(inventory: pd.DataFrame, previous: pd.DataFrame | None) -> pd.DataFrame:
+    """Per-file columns of ``previous`` aligned to ``inventory`` (all-missing rows to decode)."""
+    if previous is None or previous.empty or "file_issues" not in previous.columns:
+        return pd.DataFrame(index=inventory.index, columns=[*PER_FILE_COLUMNS, "_hit"])
+    prev = previous[KEY_COLUMNS + PER_FILE_COLUMNS].drop_duplicates("relpath")
+    merged = inventory[KEY_COLUMNS].merge(prev, on=KEY_COLUMNS, how="left", indicator="_hit")
+    merged.index = inventory.index
+    merged["_hit"] = merged["_hit"] == "both"
+    return merged[[*PER_FILE_COLUMNS, "_hit"]]
+
+
 def check_integrity(
     task_dir: Path,
     inventory: pd.DataFrame,
     config: IntegrityConfig | None = None,
     previous: pd.DataFrame | None = None,
+    class_folders: Iterable[tuple[str, str]] = (),
 ) -> tuple[pd.DataFrame, dict[str, object]]:
     """Integrity rows (inventory columns + findings) and a summary with task-level findings.
 
-    ``previous`` is the last integrity table; its per-file results are reused for files whose
-    (relpath, bytes, mtime_ns) did not change.
+    ``previous`` is the last integrity table made with the same :class:`Limits`; its
+    per-file results are reused for files whose (relpath, bytes, mtime_ns) did not change.
+    ``class_folders`` are the (split_dir, class) folders the scan found, empty ones included.
     """
     config = config or IntegrityConfig()
     severity = {**DEFAULT_SEVERITY, **config.severity}
-    df = inventory.reset_index(drop=True).copy()
-    key = ["relpath", "bytes", "mtime_ns"]
-    per_file = pd.DataFrame(index=df.index, columns=PER_FILE_COLUMNS, dtype=object)
-    todo = df.index
-    if previous is not None and len(previous) and "file_issues" in previous.columns:
-        prev = previous[key + PER_FILE_COLUMNS].drop_duplicates("relpath")
-        merged = df[key].merge(prev, on=key, how="left")
-        hit = merged["content_hash"].notna() | merged["file_issues"].notna()
-        per_file.loc[hit, PER_FILE_COLUMNS] = merged.loc[hit, PER_FILE_COLUMNS].to_numpy()
-        todo = df.index[~hit.to_numpy()]
-    paths = [str(task_dir / rel) for rel in df.loc[todo, "relpath"]]
-    results = inspect_files(paths, df.loc[todo, "ext"].tolist(), config)
-    for i, res in zip(todo, results, strict=True):
-        for col in PER_FILE_COLUMNS:
-            per_file.at[i, col] = res[col]
+    df = inventory.reset_index(drop=True)
+    reused = _reusable(df, previous)
+    todo = np.flatnonzero(~reused["_hit"].fillna(False).to_numpy(dtype=bool))
+    root = os.fspath(task_dir)
+    paths = [os.path.join(root, rel) for rel in df["relpath"].to_numpy()[todo]]
+    fresh = inspect_files(paths, df["ext"].to_numpy()[todo].tolist(), config)
+    per_file = pd.concat(
+        [
+            reused.loc[reused["_hit"].fillna(False).astype(bool), PER_FILE_COLUMNS],
+            pd.DataFrame.from_records(fresh, columns=PER_FILE_COLUMNS, index=df.index[todo]),
+        ]
+    ).sort_index()
     df = pd.concat([df, per_file], axis=1)
-    df["file_issues"] = df["file_issues"].map(lambda v: [str(x) for x in v])
+    df["file_issues"] = [[str(c) for c in codes] for codes in df["file_issues"]]
     cross = _cross_file_issues(df)
-    df["issues"] = [list(f) + list(c) for f, c in zip(df["file_issues"], cross, strict=True)]
-    df["issues"] = df["issues"].map(lambda codes: [c for c in codes if severity.get(c) != "ignore"])
-    df["status"] = df["issues"].map(lambda codes: _status(codes, severity))
+    df["issues"] = [
+        [c for c in (*codes, *cross.get(i, ())) if severity.get(c) != "ignore"]
+        for i, codes in zip(df.index, df["file_issues"], strict=True)
+    ]
+    df["status"] = [_status(codes, severity) for codes in df["issues"]]
     df["perceptual_hash"] = None
     df = df.astype({"width": "Int64", "height": "Int64"})
     summary = {
         "decoded": len(todo),
         "reused": len(df) - len(todo),
-        "task_findings": task_findings(df),
+        "task_findings": task_findings(df, class_folders),
         "severity": severity,
+        "limits": asdict(Limits.of(config)),
     }
     return df, summary
 
 
-def task_findings(df: pd.DataFrame) -> list[dict[str, str]]:
+def task_findings(
+    df: pd.DataFrame, class_folders: Iterable[tuple[str, str]] = ()
+) -> list[dict[str, str]]:
     """Problems of the task as a whole: classes that cannot be learned or evaluated."""
     findings: list[dict[str, str]] = []
     usable = df[df["status"] != "error"]
-    for cls in sorted(set(df["class_name"]) - set(usable["class_name"])):
-        findings.append({"code": CLASS_WITHOUT_USABLE_IMAGE, "class_name": cls})
+    listed = set(df["class_name"])
+    for cls in sorted(listed - set(usable["class_name"])):
+        n = int((df["class_name"] == cls).sum())
+        detail = f"all {n} files have errors"
+        findings.append({"code": CLASS_WITHOUT_USABLE_IMAGE, "class_name": cls, "detail": detail})
+    for split, cls in sorted(set(map(tuple, class_folders))):
+        if cls not in listed:
+            folder = cls if split == "none" else f"{split}/{cls}"
+            detail = f"folder {folder} has no image files"
+            findings.append(
+                {"code": CLASS_WITHOUT_USABLE_IMAGE, "class_name": cls, "detail": detail}
+            )
+            listed.add(cls)
     if (df["split_dir"] == "train").any():
         in_train = set(usable.loc[usable["split_dir"] == "train", "class_name"])
         for cls in sorted(set(usable["class_name"]) - in_train):
-            findings.append({"code": CLASS_NOT_IN_TRAIN, "class_name": cls})
+            where = sorted(set(usable.loc[usable["class_name"] == cls, "split_dir"]))
+            detail = f"usable images only in {', '.join(where)}: it cannot be learned"
+            findings.append({"code": CLASS_NOT_IN_TRAIN, "class_name": cls, "detail": detail})
     return findings
 
 

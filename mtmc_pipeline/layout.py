@@ -3,19 +3,26 @@
 Rules (also in the README):
 
 - A task is any non-hidden directory directly under the data root.
-- If a task has a ``train``, ``val`` or ``test`` directory, it uses the split layout
-  ``<task>/<split>/<class>/...``; other directories at that level are ignored (and counted).
-  Otherwise every directory under the task is a class (flat layout ``<task>/<class>/...``).
+- If a task has a ``train``, ``val`` or ``test`` directory (any case; ``valid`` and
+  ``validation`` also mean val), it uses the split layout ``<task>/<split>/<class>/...``;
+  other directories at that level are ignored (and counted). Otherwise every directory
+  under the task is a class (flat layout ``<task>/<class>/...``).
 - Files anywhere below a class directory belong to that class (nested folders are fine).
 - Hidden files and folders (``.name``) and OS litter (``Thumbs.db``, ``desktop.ini``) are
   skipped and counted; files whose extension is not an image extension are skipped and counted.
-- Symlinked files and folders are followed; broken links are listed (with size -1) so the
-  integrity stage reports them, and a folder reached twice (a symlink loop) is walked once.
+- Symlinked files and folders are followed. Broken links, links that loop and things that are
+  not regular files (pipes, devices) are listed with size -1 so the integrity stage reports
+  them; a folder reached twice (a symlink loop) is walked once; names that are not valid
+  UTF-8 cannot be stored in the manifests and are recorded as walk problems.
+
+The walk is iterative (no recursion limit on deep trees), opens no file, and never raises for
+anything below the task folder: what it cannot read becomes an entry in ``problems``.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +33,14 @@ from mtmc_pipeline.artifacts import fingerprint
 from mtmc_pipeline.config import TASK_FILE, ScanConfig
 
 SPLIT_DIRS = ("train", "val", "test")
-OS_LITTER = frozenset({"thumbs.db", "desktop.ini", "icon\r"})
+SPLIT_ALIASES = {
+    "train": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+}
+OS_LITTER = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r"})
 INVENTORY_COLUMNS = ["relpath", "split_dir", "class_name", "bytes", "mtime_ns", "ext"]
 
 
@@ -44,24 +58,34 @@ def discover_tasks(data_root: Path) -> list[str]:
     return sorted(
         e.name
         for e in os.scandir(data_root)
-        if not e.name.startswith(".") and e.is_dir(follow_symlinks=True)
+        if not e.name.startswith(".") and _is_dir(e) and _utf8(e.name)
     )
 
 
 @dataclass
 class ScanResult:
-    """The inventory of one task plus what the walk skipped or could not follow."""
+    """The inventory of one task plus what the walk skipped or could not follow.
+
+    ``class_folders`` lists every (split_dir, class) folder found, empty ones included, so
+    the integrity stage can report a class folder that holds no image at all.
+    """
 
     inventory: pd.DataFrame
     layout: str  # "split" or "flat"
     skipped: Counter[str] = field(default_factory=Counter)
     problems: list[dict[str, str]] = field(default_factory=list)
+    class_folders: list[tuple[str, str]] = field(default_factory=list)
 
     def summary(self) -> dict[str, object]:
-        return {"layout": self.layout, "skipped": dict(self.skipped), "problems": self.problems}
+        return {
+            "layout": self.layout,
+            "skipped": dict(self.skipped),
+            "problems": self.problems,
+            "class_folders": [list(pair) for pair in self.class_folders],
+        }
 
 
-def _is_hidden_or_litter(name: str) -> str | None:
+def _skip_reason(name: str) -> str | None:
     if name.startswith("."):
         return "hidden"
     if name.lower() in OS_LITTER:
@@ -69,76 +93,108 @@ def _is_hidden_or_litter(name: str) -> str | None:
     return None
 
 
+def _utf8(name: str) -> bool:
+    """False for names with bytes that are not UTF-8 (Python keeps them as surrogates)."""
+    if name.isascii():
+        return True
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=True)
+    except OSError:
+        return False
+
+
+def _printable(path: str) -> str:
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 class _Walker:
     def __init__(self, task_dir: Path, config: ScanConfig) -> None:
-        self.task_dir = task_dir
-        self.extensions = {e.lower() for e in config.extensions}
+        self.root = os.fspath(task_dir)
+        self.extensions = frozenset(config.extensions)
         self.rows: list[tuple[str, str, str, int, int, str]] = []
         self.skipped: Counter[str] = Counter()
         self.problems: list[dict[str, str]] = []
+        self.class_folders: list[tuple[str, str]] = []
         self._seen_dirs: set[tuple[int, int]] = set()
 
-    def _relpath(self, path: str) -> str:
-        return Path(os.path.relpath(path, self.task_dir)).as_posix()
+    def _problem(self, relpath: str, problem: str, detail: str) -> None:
+        self.problems.append({"relpath": _printable(relpath), "problem": problem, "detail": detail})
 
-    def _enter(self, path: str) -> bool:
-        """False if this directory was already walked (a symlink loop or a second link)."""
+    def entries(self, path: str, relpath: str) -> list[os.DirEntry[str]]:
+        """The entries of a directory not walked before; [] (and a problem) otherwise."""
         try:
             st = os.stat(path)
+            key = (st.st_dev, st.st_ino)
+            if key in self._seen_dirs:
+                self._problem(
+                    relpath, "symlink_loop", "folder already walked (a link back up the tree)"
+                )
+                return []
+            self._seen_dirs.add(key)
+            with os.scandir(path) as it:
+                return list(it)
         except OSError as e:
-            self.problems.append(
-                {"relpath": self._relpath(path), "problem": f"unreadable_dir: {e}"}
-            )
-            return False
-        key = (st.st_dev, st.st_ino)
-        if key in self._seen_dirs:
-            self.problems.append({"relpath": self._relpath(path), "problem": "symlink_loop"})
-            return False
-        self._seen_dirs.add(key)
-        return True
+            self._problem(relpath, "unreadable_dir", e.strerror or str(e))
+            return []
 
-    def walk_class(self, class_dir: str, split_dir: str, class_name: str) -> None:
-        if not self._enter(class_dir):
-            return
-        try:
-            entries = sorted(os.scandir(class_dir), key=lambda e: e.name)
-        except OSError as e:
-            self.problems.append(
-                {"relpath": self._relpath(class_dir), "problem": f"unreadable_dir: {e}"}
-            )
-            return
+    def walk_class(self, path: str, relpath: str, split_dir: str, class_name: str) -> None:
+        """Every image file below one class folder, depth first, without recursion."""
+        self.class_folders.append((split_dir, class_name))
+        stack = [(path, relpath)]
+        while stack:
+            dir_path, dir_rel = stack.pop()
+            for entry in self.entries(dir_path, dir_rel):
+                name = entry.name
+                reason = _skip_reason(name)
+                if reason:
+                    self.skipped[reason] += 1
+                    continue
+                rel = f"{dir_rel}/{name}"
+                if not _utf8(name):
+                    self._problem(rel, "name_not_utf8", "rename it: manifests store UTF-8 paths")
+                    continue
+                if _is_dir(entry):
+                    stack.append((entry.path, rel))
+                    continue
+                ext = os.path.splitext(name)[1].lower()
+                if ext not in self.extensions:
+                    self.skipped["not_image_extension"] += 1
+                    continue
+                self.rows.append((rel, split_dir, class_name, *_size_and_mtime(entry), ext))
+
+    def walk_classes_in(self, entries: list[os.DirEntry[str]], relpath: str, split: str) -> None:
+        """Every class folder among ``entries`` (a split folder's or the task's own)."""
         for entry in entries:
-            reason = _is_hidden_or_litter(entry.name)
+            name = entry.name
+            rel = f"{relpath}/{name}" if relpath else name
+            reason = _skip_reason(name)
             if reason:
                 self.skipped[reason] += 1
-                continue
-            try:
-                is_dir = entry.is_dir(follow_symlinks=True)
-            except OSError:
-                is_dir = False
-            if is_dir:
-                self.walk_class(entry.path, split_dir, class_name)
-                continue
-            ext = os.path.splitext(entry.name)[1].lower()
-            if ext not in self.extensions:
-                self.skipped["not_image_extension"] += 1
-                continue
-            try:
-                st = entry.stat(follow_symlinks=True)
-                size, mtime = st.st_size, st.st_mtime_ns
-            except OSError:
-                size, mtime = -1, -1  # broken symlink: listed so integrity reports it
-            self.rows.append((self._relpath(entry.path), split_dir, class_name, size, mtime, ext))
-
-    def walk_classes_in(self, parent: str, split_dir: str) -> None:
-        for entry in sorted(os.scandir(parent), key=lambda e: e.name):
-            reason = _is_hidden_or_litter(entry.name)
-            if reason:
-                self.skipped[reason] += 1
-            elif entry.is_dir(follow_symlinks=True):
-                self.walk_class(entry.path, split_dir, entry.name)
-            elif entry.name != TASK_FILE:
+            elif not _utf8(name):
+                self._problem(rel, "name_not_utf8", "rename it: manifests store UTF-8 paths")
+            elif _is_dir(entry):
+                self.walk_class(entry.path, rel, split, name)
+            elif not (name == TASK_FILE and not relpath):
                 self.skipped["file_outside_class"] += 1
+
+
+def _size_and_mtime(entry: os.DirEntry[str]) -> tuple[int, int]:
+    """(bytes, mtime_ns) of a regular file; (-1, -1) for what integrity must report."""
+    try:
+        st = entry.stat(follow_symlinks=True)
+    except OSError:
+        return -1, -1  # broken or looping symlink
+    if not stat.S_ISREG(st.st_mode):
+        return -1, -1  # a pipe, socket or device: reading it could block forever
+    return st.st_size, st.st_mtime_ns
 
 
 def scan_task(task_dir: Path, config: ScanConfig | None = None) -> ScanResult:
@@ -147,25 +203,38 @@ def scan_task(task_dir: Path, config: ScanConfig | None = None) -> ScanResult:
     if not task_dir.is_dir():
         raise DataRootError(f"task folder {task_dir} does not exist")
     walker = _Walker(task_dir, config)
-    top = [e for e in os.scandir(task_dir) if e.is_dir(follow_symlinks=True)]
-    split_dirs = sorted(e.name for e in top if e.name in SPLIT_DIRS)
+    top = walker.entries(walker.root, ".")
+    split_dirs = sorted(
+        ((SPLIT_ALIASES[e.name.lower()], e) for e in top if e.name.lower() in SPLIT_ALIASES),
+        key=lambda pair: (pair[0], pair[1].name),
+    )
+    split_dirs = [(split, e) for split, e in split_dirs if _is_dir(e)]
     if split_dirs:
         layout = "split"
         for e in top:
-            if e.name not in SPLIT_DIRS and not e.name.startswith("."):
-                walker.skipped["dir_outside_split"] += 1
-        for split in split_dirs:
-            walker.walk_classes_in(str(task_dir / split), split)
+            if e.name.lower() in SPLIT_ALIASES or _skip_reason(e.name) or e.name == TASK_FILE:
+                continue
+            walker.skipped["dir_outside_split" if _is_dir(e) else "file_outside_class"] += 1
+        for split, e in split_dirs:
+            walker.walk_classes_in(walker.entries(e.path, e.name), e.name, split)
     else:
         layout = "flat"
-        walker.walk_classes_in(str(task_dir), "none")
+        walker.walk_classes_in(top, "", "none")
+    walker.rows.sort()
     inventory = pd.DataFrame(walker.rows, columns=INVENTORY_COLUMNS)
     inventory = inventory.astype({"bytes": "int64", "mtime_ns": "int64"})
-    return ScanResult(inventory, layout, walker.skipped, walker.problems)
+    return ScanResult(
+        inventory, layout, walker.skipped, walker.problems, sorted(walker.class_folders)
+    )
 
 
-def listing_fingerprint(task_dir: Path, inventory: pd.DataFrame) -> str:
-    """Digest of every file's (relpath, size, mtime) and of task.yaml: the raw data version."""
+def listing_fingerprint(task_dir: Path, scan: ScanResult) -> str:
+    """Digest of every file's (relpath, size, mtime), the class folders and task.yaml.
+
+    This is the raw data version: it changes when a file is added, removed or rewritten,
+    when a class folder appears (even an empty one) and when the task's settings change.
+    """
+    inventory = scan.inventory
     listing = sorted(
         zip(
             inventory["relpath"],
@@ -176,4 +245,4 @@ def listing_fingerprint(task_dir: Path, inventory: pd.DataFrame) -> str:
     )
     task_file = task_dir / TASK_FILE
     settings = task_file.read_bytes().hex() if task_file.is_file() else ""
-    return fingerprint("raw_images", listing, settings)
+    return fingerprint("raw_images", listing, scan.class_folders, settings)

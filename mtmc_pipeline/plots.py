@@ -116,14 +116,24 @@ def reliability_png(before: pd.DataFrame, after: pd.DataFrame, temperature: floa
     return to_png(fig)
 
 
-def bar_png(values: pd.Series, title: str) -> bytes:
-    """Horizontal bars (class shares and the like), class names drawn as above."""
-    labels, font, legend = class_labels([str(i) for i in values.index])
-    fig, ax = plt.subplots(figsize=(6, 0.3 * len(values) + 1.2))
-    ax.barh(range(len(values)), values.to_numpy())
-    ax.set_yticks(range(len(values)), labels, fontproperties=font)
+def bar_png(values: pd.Series | pd.DataFrame, title: str) -> bytes:
+    """Horizontal bars (class shares and the like), class names drawn as above.
+
+    A DataFrame draws one bar per column for each row (e.g. shares before and after), with a
+    legend naming the columns.
+    """
+    table = values.to_frame() if isinstance(values, pd.Series) else values
+    labels, font, legend = class_labels([str(i) for i in table.index])
+    fig, ax = plt.subplots(figsize=(6, 0.3 * len(table) * table.shape[1] ** 0.5 + 1.2))
+    height = 0.8 / table.shape[1]
+    rows = np.arange(len(table))
+    for j, column in enumerate(table.columns):
+        ax.barh(rows + (j - (table.shape[1] - 1) / 2) * height, table[column], height, label=column)
+    ax.set_yticks(rows, labels, fontproperties=font)
     ax.invert_yaxis()
     ax.set_title(title)
+    if table.shape[1] > 1:
+        ax.legend(loc="lower right")
     if legend:
         fig.text(0.99, 0.5, legend, va="center", ha="left", fontsize=8, family="monospace")
     return to_png(fig)

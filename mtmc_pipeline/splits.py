@@ -1,11 +1,16 @@
 """Split manifests: which usable image is train, val or test, stable as the data grows.
 
-- Split folders that exist (``train/``, ``val/``, ``test/``) are honoured.
-- Otherwise a seeded hash of each file's *content* places it: identical bytes always land in
-  the same split, and the decision for a file never depends on the other files.
+- Split folders that exist (``train/``, ``val/``, ``test/``) are honoured: a file in ``val/``
+  or ``test/`` stays there. A split without a folder is carved out of the train files (or,
+  in the flat layout, out of every file) by a seeded hash of each file's *content*:
+  identical bytes always land in the same split, and the decision for one file never
+  depends on the other files.
 - Assignments already in the previous manifest are kept (when the split settings are the
   same), so adding images never moves an existing image to another split.
-- Every class with at least two images gets at least one validation image.
+- Every class with at least two distinct images gets at least one validation image when
+  validation is carved (the lowest-hash file of a class that has none is moved to val).
+- The k-fold column is a second seeded hash of the content over the train files: stable
+  under additions like the split itself (folds are balanced in expectation, not exactly).
 """
 
 from __future__ import annotations
@@ -33,19 +38,16 @@ def unit_hash(seed: int, key: str, salt: str = "split") -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def _assign_by_hash(u: float, config: SplitConfig) -> str:
-    if u < config.test_fraction:
-        return "test"
-    if u < config.test_fraction + config.val_fraction:
-        return "val"
-    return "train"
-
-
 def _previous_assignments(previous: pd.DataFrame | None) -> dict[str, str]:
     """content_hash -> split from the last manifest."""
     if previous is None or previous.empty:
         return {}
     return dict(zip(previous["content_hash"], previous["split"], strict=True))
+
+
+def _by_hash(u: np.ndarray, val: float, test: float) -> np.ndarray:
+    """train, val or test for each unit hash: [0, test) test, [test, test + val) val."""
+    return np.where(u < test, "test", np.where(u < test + val, "val", "train"))
 
 
 def make_splits(
@@ -62,26 +64,25 @@ def make_splits(
     config = config or SplitConfig()
     if usable.empty:
         raise TaskDataError(f"task {task!r}: no usable images (see its integrity report)")
-    df = usable[["relpath", "split_dir", "class_name", "content_hash"]].copy()
-    df["u"] = [unit_hash(config.seed, h) for h in df["content_hash"]]
-    pinned = _previous_assignments(previous)
-    honoured = df["split_dir"] != "none"
-    has_val_dir = (df["split_dir"] == "val").any()
-
-    def place(row: pd.Series) -> str:
-        if row["split_dir"] in ("val", "test"):
-            return row["split_dir"]
-        if row["content_hash"] in pinned:
-            return pinned[row["content_hash"]]
-        if row["split_dir"] == "train" and has_val_dir:
-            return "train"
-        if honoured.any():  # split layout without val/: carve val out of train only
-            return "val" if row["u"] < config.val_fraction else "train"
-        return _assign_by_hash(row["u"], config)
-
-    df["split"] = df.apply(place, axis=1) if len(df) else []
-    if not has_val_dir:
-        _ensure_one_val_per_class(df, pinned)
+    df = usable[["relpath", "split_dir", "class_name", "content_hash"]].reset_index(drop=True)
+    folders = set(df["split_dir"]) - {"none"}
+    carved = {"val", "test"} - folders
+    u = np.array([unit_hash(config.seed, h) for h in df["content_hash"]])
+    split = _by_hash(
+        u,
+        config.val_fraction if "val" in carved else 0.0,
+        config.test_fraction if "test" in carved else 0.0,
+    )
+    split_dir = df["split_dir"].to_numpy()
+    in_folder = np.isin(split_dir, ["val", "test"])
+    split = np.where(in_folder, split_dir, split).astype(object)
+    pinned = {h: s for h, s in _previous_assignments(previous).items() if s in carved | {"train"}}
+    pin = np.array([pinned.get(h) for h in df["content_hash"]], dtype=object)
+    use_pin = ~in_folder & pd.notna(pin)
+    split[use_pin] = pin[use_pin]
+    df["split"] = split
+    if "val" in carved:
+        _ensure_one_val_per_class(df, u, use_pin)
     classes = sorted(df.loc[df["split"] == "train", "class_name"].unique())
     if len(classes) < 2:
         found = ", ".join(classes) or "none"
@@ -101,16 +102,16 @@ def make_splits(
     return df[SPLIT_COLUMNS], classes
 
 
-def _ensure_one_val_per_class(df: pd.DataFrame, pinned: dict[str, str]) -> None:
+def _ensure_one_val_per_class(df: pd.DataFrame, u: np.ndarray, pinned: np.ndarray) -> None:
     """Move the lowest-hash unpinned train file of a class without val images to val."""
-    for _, group in df.groupby("class_name"):
-        if len(group["content_hash"].unique()) < 2 or (group["split"] == "val").any():
+    has_val = set(df.loc[df["split"] == "val", "class_name"])
+    distinct = df.groupby("class_name")["content_hash"].nunique()
+    candidates = df.assign(_u=u)[(df["split"] == "train").to_numpy() & ~pinned]
+    for cls, group in candidates.groupby("class_name", sort=False):
+        if cls in has_val or distinct[cls] < 2:
             continue
-        candidates = group[(group["split"] == "train") & ~group["content_hash"].isin(pinned)]
-        if candidates.empty:
-            continue
-        chosen_hash = candidates.sort_values("u")["content_hash"].iloc[0]
-        df.loc[df["content_hash"] == chosen_hash, "split"] = "val"
+        chosen = group.loc[group["_u"].idxmin(), "content_hash"]
+        df.loc[df["content_hash"] == chosen, "split"] = "val"
 
 
 def splits_schema(classes: list[str]) -> pa.Schema:

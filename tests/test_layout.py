@@ -79,10 +79,10 @@ def test_symlinks_followed_loops_and_broken_links_recorded(tmp_path: Path) -> No
 def test_listing_fingerprint_tracks_files_and_task_yaml(tmp_path: Path) -> None:
     task = tmp_path / "t"
     _touch(task / "a" / "1.jpg")
-    fp1 = listing_fingerprint(task, scan_task(task).inventory)
-    assert fp1 == listing_fingerprint(task, scan_task(task).inventory)
+    fp1 = listing_fingerprint(task, scan_task(task))
+    assert fp1 == listing_fingerprint(task, scan_task(task))
     _touch(task / "a" / "2.jpg")
-    fp2 = listing_fingerprint(task, scan_task(task).inventory)
+    fp2 = listing_fingerprint(task, scan_task(task))
     (task / "task.yaml").write_text("train: {epochs: 3}\n")
-    fp3 = listing_fingerprint(task, scan_task(task).inventory)
+    fp3 = listing_fingerprint(task, scan_task(task))
     assert len({fp1, fp2, fp3}) == 3

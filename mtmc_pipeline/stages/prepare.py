@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,13 @@ import pyarrow.parquet as pq
 from mtmc_pipeline import artifacts as af
 from mtmc_pipeline.artifacts import TaskArtifacts, stored_fingerprint
 from mtmc_pipeline.config import IntegrityConfig, SamplingConfig, ScanConfig, SplitConfig
-from mtmc_pipeline.integrity import check_integrity, usable_rows
+from mtmc_pipeline.integrity import (
+    DEFAULT_SEVERITY,
+    ISSUES,
+    Limits,
+    check_integrity,
+    usable_rows,
+)
 from mtmc_pipeline.layout import listing_fingerprint, scan_task
 from mtmc_pipeline.plots import bar_png
 from mtmc_pipeline.sampling import sampling_weights
@@ -38,7 +45,7 @@ def observe_raw(task_dir: Path, config: ScanConfig | None = None) -> tuple[str, 
     """The raw folder's data version (listing fingerprint) and a few counts, without decoding."""
     scan = scan_task(task_dir, config)
     inv = scan.inventory
-    return listing_fingerprint(task_dir, inv), {
+    return listing_fingerprint(task_dir, scan), {
         "files": len(inv),
         "bytes": int(inv["bytes"].clip(0).sum()),
     }
@@ -53,7 +60,7 @@ def run_inventory(task_dir: Path, art: TaskArtifacts, config: ScanConfig) -> Sta
             f"task folder {task_dir} has no image files "
             f"(extensions {', '.join(config.extensions)}); skipped: {dict(scan.skipped) or 'none'}"
         )
-    fp = stage_fingerprint("inventory", listing_fingerprint(task_dir, inv), config.model_dump())
+    fp = stage_fingerprint("inventory", listing_fingerprint(task_dir, scan), config.model_dump())
     reused = stored_fingerprint(art.inventory) == fp
     if not reused:
         af.write_parquet(art.inventory, inv, fp, meta=scan.summary())
@@ -86,8 +93,10 @@ def run_integrity(task_dir: Path, art: TaskArtifacts, config: IntegrityConfig) -
         summary["decoded"] = 0
     else:
         inventory = af.read_parquet(art.inventory)
-        previous = af.read_parquet(art.integrity) if art.integrity.exists() else None
-        df, summary = check_integrity(task_dir, inventory, config, previous)
+        folders = af.parquet_meta(art.inventory).get("class_folders", [])
+        df, summary = check_integrity(
+            task_dir, inventory, config, _previous_integrity(art, config), folders
+        )
         af.write_parquet(
             art.integrity, df, fp, meta={k: v for k, v in summary.items() if k != "decoded"}
         )
@@ -97,24 +106,49 @@ def run_integrity(task_dir: Path, art: TaskArtifacts, config: IntegrityConfig) -
     return StageResult(fp, reused, md, integrity_checks(df, config))
 
 
+def _previous_integrity(art: TaskArtifacts, config: IntegrityConfig) -> pd.DataFrame | None:
+    """The last integrity table, when its per-file findings were made under the same limits."""
+    if not art.integrity.exists():
+        return None
+    if af.parquet_meta(art.integrity).get("limits") != asdict(Limits.of(config)):
+        return None
+    return af.read_parquet(art.integrity)
+
+
 def integrity_metadata(df: pd.DataFrame, summary: dict[str, Any]) -> dict[str, Any]:
+    """What the UI shows: counts per issue code, the first problem files, class x split."""
+    severity = summary.get("severity") or DEFAULT_SEVERITY
     codes = pd.Series([c for issues in df["issues"] for c in issues], dtype=object)
-    problems = df[df["status"] != "ok"][["relpath", "class_name", "status", "issues", "detail"]]
-    problems = problems.assign(issues=problems["issues"].map(", ".join))
-    return {
+    counts = codes.value_counts().rename_axis("issue").rename("files").reset_index()
+    counts.insert(1, "severity", counts["issue"].map(severity))
+    counts["meaning"] = counts["issue"].map(lambda c: ISSUES[c][1] if c in ISSUES else "")
+    counts = counts.sort_values(["severity", "files"], ascending=[True, False])
+    problems = df[df["status"] != "ok"].sort_values(["status", "relpath"])  # errors first
+    problems = problems[["relpath", "class_name", "status", "issues", "detail"]].assign(
+        issues=problems["issues"].map(", ".join)
+    )
+    usable = df["status"] != "error"
+    by_split = df[usable].pivot_table(
+        index="class_name", columns="split_dir", values="relpath", aggfunc="count", fill_value=0
+    )
+    errors = df[~usable].groupby("class_name").size()
+    class_table = by_split.reindex(sorted(set(df["class_name"])), fill_value=0)
+    class_table["errors"] = errors.reindex(class_table.index, fill_value=0)
+    md: dict[str, Any] = {
         "files": len(df),
         "ok": int((df["status"] == "ok").sum()),
         "warn": int((df["status"] == "warn").sum()),
         "error": int((df["status"] == "error").sum()),
         "decoded": int(summary.get("decoded", 0)),
         "reused_findings": int(summary.get("reused", 0)),
-        "issue_counts": codes.value_counts().rename_axis("issue").rename("files").to_frame(),
+        "issue_counts": counts.set_index("issue"),
         "problem_files": problems.head(25),
-        "task_findings": summary.get("task_findings", []),
-        "class_by_split_dir": df.pivot_table(
-            index="class_name", columns="split_dir", values="relpath", aggfunc="count", fill_value=0
-        ),
+        "usable_by_class_and_split": class_table.rename_axis("class_name"),
     }
+    findings = summary.get("task_findings", [])
+    if findings:
+        md["task_findings"] = pd.DataFrame(findings)
+    return md
 
 
 def integrity_checks(df: pd.DataFrame, config: IntegrityConfig) -> dict[str, CheckOutcome]:
@@ -216,10 +250,11 @@ def run_sampling(art: TaskArtifacts, config: SamplingConfig) -> StageResult:
         af.write_parquet(art.class_weights, table, fp)
         af.write_parquet(art.sampling_weights, weights, fp, meta={"strategy": config.strategy})
     shares = table.set_index("class_name")[["share_before", "expected_share"]]
+    shares.columns = ["before (share of train images)", f"after ({config.strategy})"]
     md = {
         "strategy": config.strategy,
         "class_table": table,
-        "expected_share_plot": Png(bar_png(shares["expected_share"], "expected share of draws")),
+        "class_shares_plot": Png(bar_png(shares, "class shares of training draws")),
         "path": str(art.sampling_weights),
     }
     record_elapsed(md, start)

@@ -140,7 +140,7 @@ class _Walker:
                 return []
             self._seen_dirs.add(key)
             with os.scandir(path) as it:
-                return list(it)
+                return sorted(it, key=lambda e: e.name)  # the same walk on every machine
         except OSError as e:
             self._problem(relpath, "unreadable_dir", e.strerror or str(e))
             return []
@@ -151,6 +151,7 @@ class _Walker:
         stack = [(path, relpath)]
         while stack:
             dir_path, dir_rel = stack.pop()
+            subdirs = []
             for entry in self.entries(dir_path, dir_rel):
                 name = entry.name
                 reason = _skip_reason(name)
@@ -162,13 +163,14 @@ class _Walker:
                     self._problem(rel, "name_not_utf8", "rename it: manifests store UTF-8 paths")
                     continue
                 if _is_dir(entry):
-                    stack.append((entry.path, rel))
+                    subdirs.append((entry.path, rel))
                     continue
                 ext = os.path.splitext(name)[1].lower()
                 if ext not in self.extensions:
                     self.skipped["not_image_extension"] += 1
                     continue
                 self.rows.append((rel, split_dir, class_name, *_size_and_mtime(entry), ext))
+            stack.extend(reversed(subdirs))  # walked in name order: the first link wins
 
     def walk_classes_in(self, entries: list[os.DirEntry[str]], relpath: str, split: str) -> None:
         """Every class folder among ``entries`` (a split folder's or the task's own)."""

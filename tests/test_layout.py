@@ -72,7 +72,7 @@ def test_symlinks_followed_loops_and_broken_links_recorded(tmp_path: Path) -> No
     rows = scan.inventory.set_index("relpath")
     assert rows.loc["a/link.jpg", "bytes"] == 3
     assert rows.loc["a/broken.jpg", "bytes"] == -1
-    assert any(p["problem"] == "symlink_loop" for p in scan.problems)
+    assert [p["problem"] for p in scan.problems] == ["symlink_loop"]
     assert len(rows) == 3
 
 
@@ -86,3 +86,89 @@ def test_listing_fingerprint_tracks_files_and_task_yaml(tmp_path: Path) -> None:
     (task / "task.yaml").write_text("train: {epochs: 3}\n")
     fp3 = listing_fingerprint(task, scan_task(task))
     assert len({fp1, fp2, fp3}) == 3
+
+
+def test_names_that_are_not_utf8_are_recorded_not_listed(tmp_path: Path) -> None:
+    task = tmp_path / "t"
+    _touch(task / "a" / "fine.jpg")
+    fd = os.open(os.fsencode(task / "a") + b"/bad\xff.jpg", os.O_CREAT | os.O_WRONLY)
+    os.close(fd)
+    scan = scan_task(task)
+    assert scan.inventory["relpath"].tolist() == ["a/fine.jpg"]
+    assert scan.problems == [
+        {
+            "relpath": "a/bad\\xff.jpg",
+            "problem": "name_not_utf8",
+            "detail": "rename it: manifests store UTF-8 paths",
+        }
+    ]
+    scan.inventory.to_parquet(tmp_path / "inventory.parquet")  # every listed path is storable
+
+
+def test_deep_trees_do_not_hit_a_recursion_limit(tmp_path: Path) -> None:
+    task = tmp_path / "t"
+    deep = task / "a"
+    deep.mkdir(parents=True)
+    for _ in range(1100):  # deeper than Python's recursion limit
+        deep = deep / "d"
+        deep.mkdir()
+    _touch(deep / "deep.jpg")
+    scan = scan_task(task)
+    assert scan.inventory["relpath"].tolist() == ["a/" + "d/" * 1100 + "deep.jpg"]
+
+
+def test_split_folder_names_are_matched_case_insensitively(tmp_path: Path) -> None:
+    task = tmp_path / "t"
+    _touch(task / "Train" / "a" / "1.jpg")
+    _touch(task / "validation" / "a" / "2.jpg")
+    _touch(task / "TEST" / "a" / "3.jpg")
+    scan = scan_task(task)
+    assert scan.layout == "split"
+    assert dict(zip(scan.inventory["relpath"], scan.inventory["split_dir"], strict=True)) == {
+        "TEST/a/3.jpg": "test",
+        "Train/a/1.jpg": "train",
+        "validation/a/2.jpg": "val",
+    }
+
+
+def test_empty_class_folders_are_listed_and_change_the_fingerprint(tmp_path: Path) -> None:
+    task = tmp_path / "t"
+    _touch(task / "a" / "1.jpg")
+    before = scan_task(task)
+    (task / "b").mkdir()
+    after = scan_task(task)
+    assert before.class_folders == [("none", "a")]
+    assert after.class_folders == [("none", "a"), ("none", "b")]
+    assert after.inventory.equals(before.inventory)
+    assert listing_fingerprint(task, after) != listing_fingerprint(task, before)
+
+
+def test_a_folder_linked_twice_is_walked_once(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    _touch(shared / "1.jpg")
+    task = tmp_path / "t"
+    (task / "a").mkdir(parents=True)
+    os.symlink(shared, task / "a" / "one")
+    os.symlink(shared, task / "a" / "two")
+    scan = scan_task(task)
+    assert scan.inventory["relpath"].tolist() == ["a/one/1.jpg"]
+    assert [p["problem"] for p in scan.problems] == ["symlink_loop"]
+
+
+def test_an_unreadable_folder_is_a_problem_not_a_crash(tmp_path: Path, monkeypatch) -> None:
+    task = tmp_path / "t"
+    _touch(task / "a" / "1.jpg")
+    _touch(task / "b" / "locked" / "2.jpg")
+    real_scandir = os.scandir
+
+    def refuse(path):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    scan = scan_task(task)
+    assert scan.inventory["relpath"].tolist() == ["a/1.jpg"]
+    assert scan.problems == [
+        {"relpath": "b/locked", "problem": "unreadable_dir", "detail": "Permission denied"}
+    ]

@@ -84,3 +84,71 @@ def test_untrainable_tasks_fail_with_the_task_name() -> None:
         make_splits(_usable({"only": 10}), SplitConfig(), task="solo")
     with pytest.raises(TaskDataError, match="no usable images"):
         make_splits(_usable({}), SplitConfig(), task="empty")
+
+
+def _u(key: str, seed: int = 0, salt: str = "split") -> float:
+    """The documented rule, written out independently: blake2b-64 of 'salt:seed:key' / 2**64."""
+    digest = hashlib.blake2b(f"{salt}:{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def test_every_file_is_placed_exactly_by_the_hash_of_its_content() -> None:
+    usable = _usable({"a": 120, "b": 90})  # large enough that no class needs a forced val file
+    cfg = SplitConfig(val_fraction=0.2, test_fraction=0.1, seed=7, folds=4)
+    manifest, _ = make_splits(usable, cfg)
+    for row in manifest.itertuples():
+        u = _u(row.content_hash, seed=7)
+        expected = "test" if u < 0.1 else "val" if u < 0.3 else "train"
+        assert row.split == expected, row.relpath
+        if expected == "train":
+            assert row.fold == int(_u(row.content_hash, seed=7, salt="fold") * 4)
+        else:
+            assert pd.isna(row.fold)
+
+
+def test_a_two_image_class_gets_exactly_one_val_image_the_lower_hash() -> None:
+    usable = _usable({"big": 50, "pair": 2})
+    pair = usable[usable["class_name"] == "pair"]
+    hashes = sorted(pair["content_hash"], key=_u)
+    # a val_fraction small enough that the hash alone puts neither file in val
+    cfg = SplitConfig(val_fraction=min(_u(h) for h in hashes) / 2)
+    manifest, _ = make_splits(usable, cfg)
+    placed = manifest[manifest["class_name"] == "pair"].set_index("content_hash")["split"]
+    assert placed.to_dict() == {hashes[0]: "val", hashes[1]: "train"}
+
+
+def test_missing_split_folders_are_carved_from_train_only() -> None:
+    usable = pd.concat([_usable({"a": 60, "b": 60}, "train"), _usable({"a": 4}, "val", 500)])
+    manifest, _ = make_splits(usable, SplitConfig(val_fraction=0.3, test_fraction=0.25))
+    by_rel = manifest.set_index("relpath")
+    for row in usable.itertuples():
+        if row.split_dir == "val":
+            assert by_rel.loc[row.relpath, "split"] == "val"
+        else:  # val exists as a folder, so only test is carved, at its own fraction
+            expected = "test" if _u(row.content_hash) < 0.25 else "train"
+            assert by_rel.loc[row.relpath, "split"] == expected
+
+
+def test_split_folders_win_over_a_previous_manifest() -> None:
+    flat = _usable({"a": 30, "b": 30})
+    first, _ = make_splits(flat, SplitConfig())
+    moved = flat.assign(split_dir="train")  # the user now sorted everything into train/ ...
+    extra = _usable({"a": 3, "b": 3}, "val", 900)  # ... and made a val/ folder
+    second, _ = make_splits(pd.concat([moved, extra]), SplitConfig(), previous=first)
+    in_train = second[second["relpath"].isin(flat["relpath"])]
+    assert (in_train["split"] == "train").all()
+    assert (first["split"] == "val").any()  # the earlier manifest did have val files there
+
+
+def test_stability_with_the_previous_manifest_over_many_additions() -> None:
+    cfg = SplitConfig(val_fraction=0.25, test_fraction=0.1)
+    manifest, _ = make_splits(_usable({"a": 6, "b": 6}), cfg)
+    for step in range(1, 6):
+        grown = pd.concat(
+            [_usable({"a": 6, "b": 6}), _usable({"a": 5 * step, "b": step}, offset=10)]
+        )
+        nxt, _ = make_splits(grown, cfg, previous=manifest)
+        kept = manifest.merge(nxt, on="relpath", suffixes=("_old", "_new"))
+        assert len(kept) == len(manifest)
+        assert (kept["split_old"] == kept["split_new"]).all()
+        manifest = nxt

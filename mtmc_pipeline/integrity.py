@@ -95,6 +95,9 @@ _EXT_FORMAT = {
     ".tiff": "TIFF",
     ".webp": "WEBP",
 }
+# Where Pillow finds an orientation (getexif() costs ~6% of a small JPEG's check: skip it
+# when a file has none of these; TIFF and PNG keep theirs elsewhere).
+_EXIF_SOURCES = ("exif", "xmp", "XML:com.adobe.xmp", "Raw profile type exif")
 _HIGH_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _SPLIT_ORDER = {"train": 0, "none": 0, "val": 1, "test": 2}
 _IN_MEMORY_LIMIT = 64 * 2**20  # larger files are hashed in blocks and decoded from disk
@@ -126,26 +129,25 @@ class Limits:
         return cls(config.min_side, config.max_pixels)
 
 
-def _open_regular(path: str) -> tuple[IO[bytes] | None, str | None]:
-    """The open file, or None and why it cannot be read. Never blocks on a pipe or device."""
+def _open_regular(path: str) -> tuple[IO[bytes] | None, int, str | None]:
+    """(the open file, its size) or (None, -1, why it cannot be read). Never blocks."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
-        return None, f"{type(e).__name__}: {e.strerror or e}"
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+        return None, -1, f"{type(e).__name__}: {e.strerror or e}"
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        return None, "not a regular file (a pipe, socket or device)"
-    return os.fdopen(fd, "rb"), None
+        return None, -1, "not a regular file (a pipe, socket or device)"
+    return os.fdopen(fd, "rb"), st.st_size, None
 
 
-def _hash_and_source(f: IO[bytes]) -> tuple[str, bytes, IO[bytes]]:
+def _hash_and_source(f: IO[bytes], size: int) -> tuple[str, bytes, IO[bytes]]:
     """(content hash, first 32 bytes, a readable stream positioned at 0) of an open file."""
-    data = f.read(_IN_MEMORY_LIMIT + 1)
-    if len(data) <= _IN_MEMORY_LIMIT:
+    if size <= _IN_MEMORY_LIMIT:
+        data = f.read()
         return hashlib.blake2b(data, digest_size=16).hexdigest(), data[:32], io.BytesIO(data)
-    h = hashlib.blake2b(data, digest_size=16)
-    del data
+    h = hashlib.blake2b(digest_size=16)
     for block in iter(lambda: f.read(2**20), b""):
         h.update(block)
     f.seek(0)
@@ -164,12 +166,12 @@ def inspect_file(path: str, ext: str, limits: Limits) -> PerFile:
     Returns the values of ``PER_FILE_COLUMNS``.
     """
     issues: list[str] = []
-    f, why = _open_regular(path)
+    f, size, why = _open_regular(path)
     if f is None:
         return None, None, None, None, None, [UNREADABLE], why
     with f:
         try:
-            digest, head, source = _hash_and_source(f)
+            digest, head, source = _hash_and_source(f, size)
         except OSError as e:
             return None, None, None, None, None, [UNREADABLE], f"{type(e).__name__}: {e}"
         if not head:
@@ -188,10 +190,13 @@ def inspect_file(path: str, ext: str, limits: Limits) -> PerFile:
                 issues.append(DECOMPRESSION_BOMB)
                 detail = f"{width}x{height} exceeds integrity.max_pixels={limits.max_pixels}"
                 return width, height, mode, found, digest, issues, detail
+            # before load(): a TIFF forgets its tags once loaded (a PNG loads itself here)
+            has_exif = found in ("TIFF", "PNG") or any(key in img.info for key in _EXIF_SOURCES)
+            rotated = has_exif and img.getexif().get(0x0112, 1) in range(2, 9)
             img.load()
             if found != "MPO" and getattr(img, "n_frames", 1) > 1:
                 issues.append(ANIMATED)
-            if img.getexif().get(0x0112, 1) in range(2, 9):
+            if rotated:
                 issues.append(EXIF_ROTATED)
         except Exception as e:  # any decoder failure is a finding about this file, never a crash
             issues.append(TRUNCATED)
@@ -259,7 +264,7 @@ def inspect_files(paths: list[str], exts: list[str], config: IntegrityConfig) ->
     workers = _worker_count(config)
     if workers == 1 or len(items) < 64:
         return _inspect_chunk(items, limits)
-    size = max(8, min(256, len(items) // (workers * 8) or 1))
+    size = max(8, min(1024, len(items) // (workers * 4)))
     results: list[PerFile | None] = [None] * len(items)
     todo = [(start, items[start : start + size]) for start in range(0, len(items), size)]
     while todo:
@@ -278,23 +283,30 @@ def inspect_files(paths: list[str], exts: list[str], config: IntegrityConfig) ->
     return results  # type: ignore[return-value]
 
 
-def _cross_file_issues(df: pd.DataFrame) -> dict[int, list[str]]:
-    """Issue codes that need the whole task: duplicates, conflicting labels, split leakage."""
-    out: dict[int, list[str]] = {}
+def _cross_file_issues(df: pd.DataFrame) -> pd.Series:
+    """Issue codes that need the whole task: duplicates, conflicting labels, split leakage.
+
+    Among copies of the same bytes, the first in (train, val, test; relpath) order is kept as
+    it is; a later copy in another split is a leak, in the same split a duplicate. Copies
+    under different classes all get conflicting_labels: no one can say which label is right.
+    """
     hashed = df["content_hash"].notna() & (df["bytes"] != 0)
-    copies = df[hashed & df["content_hash"].duplicated(keep=False)]
-    if copies.empty:
-        return out
-    copies = copies.assign(_s=copies["split_dir"].map(_SPLIT_ORDER))
-    for _, group in copies.sort_values(["_s", "relpath"]).groupby("content_hash", sort=False):
-        if group["class_name"].nunique() > 1:
-            for i in group.index:
-                out[i] = [CONFLICTING_LABELS]
-            continue
-        first_split = group["split_dir"].iloc[0]
-        for i, split in zip(group.index[1:], group["split_dir"].iloc[1:], strict=True):
-            out[i] = [CROSS_SPLIT_LEAK if split != first_split else EXACT_DUPLICATE]
-    return out
+    copies = df.loc[hashed & df["content_hash"].duplicated(keep=False)]
+    copies = copies.assign(_s=copies["split_dir"].map(_SPLIT_ORDER)).sort_values(["_s", "relpath"])
+    by_hash = copies.groupby("content_hash", sort=False)
+    conflicting = by_hash["class_name"].transform("nunique") > 1
+    later = copies["content_hash"].duplicated()
+    leak = copies["split_dir"] != by_hash["split_dir"].transform("first")
+    codes = pd.Series(
+        np.select(
+            [conflicting, later & leak, later],
+            [CONFLICTING_LABELS, CROSS_SPLIT_LEAK, EXACT_DUPLICATE],
+            "",
+        ),
+        index=copies.index,
+        dtype=object,
+    )
+    return codes[codes != ""]
 
 
 def _status(issues: list[str], severity: Mapping[str, str]) -> str:
@@ -343,13 +355,14 @@ def check_integrity(
         ]
     ).sort_index()
     df = pd.concat([df, per_file], axis=1)
-    df["file_issues"] = [[str(c) for c in codes] for codes in df["file_issues"]]
+    df["file_issues"] = [list(codes) for codes in df["file_issues"]]
     cross = _cross_file_issues(df)
+    extra = cross.reindex(df.index).to_numpy()
     df["issues"] = [
-        [c for c in (*codes, *cross.get(i, ())) if severity.get(c) != "ignore"]
-        for i, codes in zip(df.index, df["file_issues"], strict=True)
+        [c for c in (*codes, *([more] if isinstance(more, str) else ())) if severity[c] != "ignore"]
+        for codes, more in zip(df["file_issues"], extra, strict=True)
     ]
-    df["status"] = [_status(codes, severity) for codes in df["issues"]]
+    df["status"] = [_status(codes, severity) if codes else "ok" for codes in df["issues"]]
     df["perceptual_hash"] = None
     df = df.astype({"width": "Int64", "height": "Int64"})
     summary = {
@@ -368,10 +381,10 @@ def task_findings(
     """Problems of the task as a whole: classes that cannot be learned or evaluated."""
     findings: list[dict[str, str]] = []
     usable = df[df["status"] != "error"]
-    listed = set(df["class_name"])
-    for cls in sorted(listed - set(usable["class_name"])):
-        n = int((df["class_name"] == cls).sum())
-        detail = f"all {n} files have errors"
+    per_class = df["class_name"].value_counts()
+    listed = set(per_class.index)
+    for cls in sorted(listed - set(usable["class_name"].unique())):
+        detail = f"all {per_class[cls]} files have errors"
         findings.append({"code": CLASS_WITHOUT_USABLE_IMAGE, "class_name": cls, "detail": detail})
     for split, cls in sorted(set(map(tuple, class_folders))):
         if cls not in listed:
@@ -382,8 +395,8 @@ def task_findings(
             )
             listed.add(cls)
     if (df["split_dir"] == "train").any():
-        in_train = set(usable.loc[usable["split_dir"] == "train", "class_name"])
-        for cls in sorted(set(usable["class_name"]) - in_train):
+        in_train = set(usable.loc[usable["split_dir"] == "train", "class_name"].unique())
+        for cls in sorted(set(usable["class_name"].unique()) - in_train):
             where = sorted(set(usable.loc[usable["class_name"] == cls, "split_dir"]))
             detail = f"usable images only in {', '.join(where)}: it cannot be learned"
             findings.append({"code": CLASS_NOT_IN_TRAIN, "class_name": cls, "detail": detail})

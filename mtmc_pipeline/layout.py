@@ -22,10 +22,10 @@ anything below the task folder: what it cannot read becomes an entry in ``proble
 from __future__ import annotations
 
 import os
-import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISDIR, S_ISREG
 
 import pandas as pd
 
@@ -41,6 +41,7 @@ SPLIT_ALIASES = {
     "test": "test",
 }
 OS_LITTER = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r"})
+_RENAME = "rename it: manifests store UTF-8 paths"
 INVENTORY_COLUMNS = ["relpath", "split_dir", "class_name", "bytes", "mtime_ns", "ext"]
 
 
@@ -119,7 +120,7 @@ class _Walker:
     def __init__(self, task_dir: Path, config: ScanConfig) -> None:
         self.root = os.fspath(task_dir)
         self.extensions = frozenset(config.extensions)
-        self.rows: list[tuple[str, str, str, int, int, str]] = []
+        self.files: dict[str, list] = {c: [] for c in INVENTORY_COLUMNS}
         self.skipped: Counter[str] = Counter()
         self.problems: list[dict[str, str]] = []
         self.class_folders: list[tuple[str, str]] = []
@@ -140,37 +141,61 @@ class _Walker:
                 return []
             self._seen_dirs.add(key)
             with os.scandir(path) as it:
-                return sorted(it, key=lambda e: e.name)  # the same walk on every machine
+                return list(it)
         except OSError as e:
             self._problem(relpath, "unreadable_dir", e.strerror or str(e))
             return []
 
     def walk_class(self, path: str, relpath: str, split_dir: str, class_name: str) -> None:
-        """Every image file below one class folder, depth first, without recursion."""
+        """Every image file below one class folder, depth first, without recursion.
+
+        This loop is the scan's hot path (one pass per file): it stays flat on purpose.
+        """
         self.class_folders.append((split_dir, class_name))
+        skipped, extensions = self.skipped, self.extensions
+        relpaths, sizes, mtimes, exts = (
+            self.files[c] for c in ("relpath", "bytes", "mtime_ns", "ext")
+        )
+        first = len(relpaths)
         stack = [(path, relpath)]
         while stack:
             dir_path, dir_rel = stack.pop()
             subdirs = []
+            prefix = f"{dir_rel}/"
             for entry in self.entries(dir_path, dir_rel):
                 name = entry.name
-                reason = _skip_reason(name)
-                if reason:
-                    self.skipped[reason] += 1
+                lower = name.lower()
+                if name[0] == "." or lower in OS_LITTER:
+                    skipped[_skip_reason(name)] += 1
                     continue
-                rel = f"{dir_rel}/{name}"
-                if not _utf8(name):
-                    self._problem(rel, "name_not_utf8", "rename it: manifests store UTF-8 paths")
+                if not (name.isascii() or _utf8(name)):
+                    self._problem(prefix + name, "name_not_utf8", _RENAME)
                     continue
-                if _is_dir(entry):
-                    subdirs.append((entry.path, rel))
+                dot = lower.rfind(".")
+                if dot <= 0 or lower[dot:] not in extensions:
+                    if _is_dir(entry):
+                        subdirs.append((entry.path, prefix + name))
+                    else:
+                        skipped["not_image_extension"] += 1
                     continue
-                ext = os.path.splitext(name)[1].lower()
-                if ext not in self.extensions:
-                    self.skipped["not_image_extension"] += 1
-                    continue
-                self.rows.append((rel, split_dir, class_name, *_size_and_mtime(entry), ext))
+                try:
+                    st = entry.stat()
+                    if S_ISDIR(st.st_mode):  # a folder named like an image
+                        subdirs.append((entry.path, prefix + name))
+                        continue
+                    # a pipe, socket or device is listed like a broken link: integrity says why
+                    size, mtime = (st.st_size, st.st_mtime_ns) if S_ISREG(st.st_mode) else (-1, -1)
+                except OSError:
+                    size, mtime = -1, -1  # a broken or looping symlink
+                relpaths.append(prefix + name)
+                sizes.append(size)
+                mtimes.append(mtime)
+                exts.append(lower[dot:])
+            subdirs.sort()
             stack.extend(reversed(subdirs))  # walked in name order: the first link wins
+        added = len(relpaths) - first
+        self.files["split_dir"] += [split_dir] * added
+        self.files["class_name"] += [class_name] * added
 
     def walk_classes_in(self, entries: list[os.DirEntry[str]], relpath: str, split: str) -> None:
         """Every class folder among ``entries`` (a split folder's or the task's own)."""
@@ -181,22 +206,11 @@ class _Walker:
             if reason:
                 self.skipped[reason] += 1
             elif not _utf8(name):
-                self._problem(rel, "name_not_utf8", "rename it: manifests store UTF-8 paths")
+                self._problem(rel, "name_not_utf8", _RENAME)
             elif _is_dir(entry):
                 self.walk_class(entry.path, rel, split, name)
             elif not (name == TASK_FILE and not relpath):
                 self.skipped["file_outside_class"] += 1
-
-
-def _size_and_mtime(entry: os.DirEntry[str]) -> tuple[int, int]:
-    """(bytes, mtime_ns) of a regular file; (-1, -1) for what integrity must report."""
-    try:
-        st = entry.stat(follow_symlinks=True)
-    except OSError:
-        return -1, -1  # broken or looping symlink
-    if not stat.S_ISREG(st.st_mode):
-        return -1, -1  # a pipe, socket or device: reading it could block forever
-    return st.st_size, st.st_mtime_ns
 
 
 def scan_task(task_dir: Path, config: ScanConfig | None = None) -> ScanResult:
@@ -222,12 +236,10 @@ def scan_task(task_dir: Path, config: ScanConfig | None = None) -> ScanResult:
     else:
         layout = "flat"
         walker.walk_classes_in(top, "", "none")
-    walker.rows.sort()
-    inventory = pd.DataFrame(walker.rows, columns=INVENTORY_COLUMNS)
-    inventory = inventory.astype({"bytes": "int64", "mtime_ns": "int64"})
-    return ScanResult(
-        inventory, layout, walker.skipped, walker.problems, sorted(walker.class_folders)
-    )
+    inventory = pd.DataFrame(walker.files).astype({"bytes": "int64", "mtime_ns": "int64"})
+    inventory = inventory.sort_values("relpath", ignore_index=True)
+    problems = sorted(walker.problems, key=lambda p: p["relpath"])
+    return ScanResult(inventory, layout, walker.skipped, problems, sorted(walker.class_folders))
 
 
 def listing_fingerprint(task_dir: Path, scan: ScanResult) -> str:

@@ -159,6 +159,9 @@ def test_unusual_but_usable_images_are_warned_about(tmp_path: Path) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise to display
     write(task / "a" / "rotated.jpg", _save(rgb, "JPEG", exif=exif))
+    write(task / "a" / "rotated.png", _save(rgb, "PNG", exif=exif))
+    write(task / "a" / "rotated.webp", _save(rgb, "WEBP", exif=exif))
+    write(task / "a" / "rotated.tif", _save(rgb, "TIFF", exif=exif))
     upright = Image.Exif()
     upright[0x0112] = 1
     write(task / "a" / "upright.jpg", _save(rgb, "JPEG", exif=upright))
@@ -178,6 +181,9 @@ def test_unusual_but_usable_images_are_warned_about(tmp_path: Path) -> None:
     issues = df["issues"].map(list).to_dict()
     assert issues == {
         "a/rotated.jpg": ["exif_rotated"],
+        "a/rotated.png": ["exif_rotated"],
+        "a/rotated.webp": ["exif_rotated"],
+        "a/rotated.tif": ["exif_rotated"],
         "a/upright.jpg": [],
         "a/gray16.png": ["high_bit_depth"],
         "a/rgb16.png": ["high_bit_depth"],

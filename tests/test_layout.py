@@ -107,14 +107,19 @@ def test_names_that_are_not_utf8_are_recorded_not_listed(tmp_path: Path) -> None
 
 def test_deep_trees_do_not_hit_a_recursion_limit(tmp_path: Path) -> None:
     task = tmp_path / "t"
-    deep = task / "a"
-    deep.mkdir(parents=True)
+    folders = [task / "a"]
     for _ in range(1100):  # deeper than Python's recursion limit
-        deep = deep / "d"
-        deep.mkdir()
-    _touch(deep / "deep.jpg")
-    scan = scan_task(task)
-    assert scan.inventory["relpath"].tolist() == ["a/" + "d/" * 1100 + "deep.jpg"]
+        folders.append(folders[-1] / "d")
+    for folder in folders:
+        folder.mkdir(parents=True)
+    _touch(folders[-1] / "deep.jpg")
+    try:
+        scan = scan_task(task)
+        assert scan.inventory["relpath"].tolist() == ["a/" + "d/" * 1100 + "deep.jpg"]
+    finally:  # shutil.rmtree, which cleans tmp_path, recurses: remove the depth here
+        (folders[-1] / "deep.jpg").unlink()
+        for folder in reversed(folders):
+            folder.rmdir()
 
 
 def test_split_folder_names_are_matched_case_insensitively(tmp_path: Path) -> None:

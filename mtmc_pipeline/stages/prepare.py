@@ -118,21 +118,20 @@ def _previous_integrity(art: TaskArtifacts, config: IntegrityConfig) -> pd.DataF
 def integrity_metadata(df: pd.DataFrame, summary: dict[str, Any]) -> dict[str, Any]:
     """What the UI shows: counts per issue code, the first problem files, class x split."""
     severity = summary.get("severity") or DEFAULT_SEVERITY
-    codes = pd.Series([c for issues in df["issues"] for c in issues], dtype=object)
+    flagged = df[df["status"] != "ok"]
+    codes = pd.Series([c for issues in flagged["issues"] for c in issues], dtype=object)
     counts = codes.value_counts().rename_axis("issue").rename("files").reset_index()
     counts.insert(1, "severity", counts["issue"].map(severity))
     counts["meaning"] = counts["issue"].map(lambda c: ISSUES[c][1] if c in ISSUES else "")
     counts = counts.sort_values(["severity", "files"], ascending=[True, False])
-    problems = df[df["status"] != "ok"].sort_values(["status", "relpath"])  # errors first
+    problems = flagged.sort_values(["status", "relpath"])  # errors first
     problems = problems[["relpath", "class_name", "status", "issues", "detail"]].assign(
         issues=problems["issues"].map(", ".join)
     )
     usable = df["status"] != "error"
-    by_split = df[usable].pivot_table(
-        index="class_name", columns="split_dir", values="relpath", aggfunc="count", fill_value=0
-    )
+    by_split = df[usable].groupby(["class_name", "split_dir"]).size().unstack(fill_value=0)
     errors = df[~usable].groupby("class_name").size()
-    class_table = by_split.reindex(sorted(set(df["class_name"])), fill_value=0)
+    class_table = by_split.reindex(sorted(df["class_name"].unique()), fill_value=0)
     class_table["errors"] = errors.reindex(class_table.index, fill_value=0)
     md: dict[str, Any] = {
         "files": len(df),

@@ -309,6 +309,25 @@ def _cross_file_issues(df: pd.DataFrame) -> pd.Series:
     return codes[codes != ""]
 
 
+def _findings(
+    df: pd.DataFrame, cross: pd.Series, severity: Mapping[str, str]
+) -> tuple[list[list[str]], np.ndarray]:
+    """Every row's issue codes (per-file then cross-file, ignored codes dropped) and status.
+
+    Only rows with a finding are visited: a rerun over a large clean task stays cheap.
+    """
+    per_file = df["file_issues"].to_numpy()
+    extra = cross.reindex(df.index).to_numpy()
+    flagged = pd.notna(extra) | np.fromiter(map(len, per_file), bool, len(df))
+    issues: list[list[str]] = [[] for _ in range(len(df))]
+    status = np.full(len(df), "ok", dtype=object)
+    for i in np.flatnonzero(flagged):
+        codes = [*per_file[i], *([extra[i]] if pd.notna(extra[i]) else [])]
+        issues[i] = [c for c in codes if severity[c] != "ignore"]
+        status[i] = _status(issues[i], severity)
+    return issues, status
+
+
 def _status(issues: list[str], severity: Mapping[str, str]) -> str:
     levels = {severity.get(code, "error") for code in issues}
     if "error" in levels:
@@ -355,14 +374,7 @@ def check_integrity(
         ]
     ).sort_index()
     df = pd.concat([df, per_file], axis=1)
-    df["file_issues"] = [list(codes) for codes in df["file_issues"]]
-    cross = _cross_file_issues(df)
-    extra = cross.reindex(df.index).to_numpy()
-    df["issues"] = [
-        [c for c in (*codes, *([more] if isinstance(more, str) else ())) if severity[c] != "ignore"]
-        for codes, more in zip(df["file_issues"], extra, strict=True)
-    ]
-    df["status"] = [_status(codes, severity) if codes else "ok" for codes in df["issues"]]
+    df["issues"], df["status"] = _findings(df, _cross_file_issues(df), severity)
     df["perceptual_hash"] = None
     df = df.astype({"width": "Int64", "height": "Int64"})
     summary = {

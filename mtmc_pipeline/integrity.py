@@ -129,8 +129,8 @@ class Limits:
         return cls(config.min_side, config.max_pixels)
 
 
-def _open_regular(path: str) -> tuple[IO[bytes] | None, int, str | None]:
-    """(the open file, its size) or (None, -1, why it cannot be read). Never blocks."""
+def _open_regular(path: str) -> tuple[int | None, int, str | None]:
+    """(file descriptor, size) or (None, -1, why it cannot be read). Never blocks."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
@@ -139,14 +139,17 @@ def _open_regular(path: str) -> tuple[IO[bytes] | None, int, str | None]:
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         return None, -1, "not a regular file (a pipe, socket or device)"
-    return os.fdopen(fd, "rb"), st.st_size, None
+    return fd, st.st_size, None
 
 
-def _hash_and_source(f: IO[bytes], size: int) -> tuple[str, bytes, IO[bytes]]:
-    """(content hash, first 32 bytes, a readable stream positioned at 0) of an open file."""
+def _hash_and_source(fd: int, size: int) -> tuple[str, bytes, IO[bytes]]:
+    """(content hash, first 32 bytes, a readable stream at 0) of an open regular file."""
     if size <= _IN_MEMORY_LIMIT:
-        data = f.read()
+        data = os.read(fd, size + 1)  # one system call, unless the file grew since fstat
+        if len(data) > size:
+            data += b"".join(iter(lambda: os.read(fd, 2**20), b""))
         return hashlib.blake2b(data, digest_size=16).hexdigest(), data[:32], io.BytesIO(data)
+    f = os.fdopen(os.dup(fd), "rb")  # large: hash in blocks, then decode from the file
     h = hashlib.blake2b(digest_size=16)
     for block in iter(lambda: f.read(2**20), b""):
         h.update(block)
@@ -166,14 +169,16 @@ def inspect_file(path: str, ext: str, limits: Limits) -> PerFile:
     Returns the values of ``PER_FILE_COLUMNS``.
     """
     issues: list[str] = []
-    f, size, why = _open_regular(path)
-    if f is None:
+    fd, size, why = _open_regular(path)
+    if fd is None:
         return None, None, None, None, None, [UNREADABLE], why
-    with f:
-        try:
-            digest, head, source = _hash_and_source(f, size)
-        except OSError as e:
-            return None, None, None, None, None, [UNREADABLE], f"{type(e).__name__}: {e}"
+    try:
+        digest, head, source = _hash_and_source(fd, size)
+    except OSError as e:
+        return None, None, None, None, None, [UNREADABLE], f"{type(e).__name__}: {e}"
+    finally:
+        os.close(fd)
+    with source:
         if not head:
             return None, None, None, None, digest, [EMPTY_FILE], None
         fmt = sniff_format(head)

@@ -351,3 +351,19 @@ def test_empty_class_folder_and_class_only_in_val_are_task_findings(tmp_path: Pa
 def test_unknown_severity_codes_are_refused() -> None:
     with pytest.raises(ValueError, match=r"unknown issue codes \['trunkated'\]"):
         IntegrityConfig(severity={"trunkated": "warn"})
+
+
+def test_large_files_are_hashed_in_blocks_with_the_same_findings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = tmp_path / "t"
+    jpg = image_bytes("JPEG", size=(64, 64), seed=3)
+    write(task / "a" / "ok.jpg", jpg)
+    write(task / "a" / "cut.jpg", jpg[: len(jpg) // 2])
+    write(task / "a" / "png_named.jpg", image_bytes("PNG", size=(64, 64)))
+    in_memory = _check(task)
+    monkeypatch.setattr(integrity, "_IN_MEMORY_LIMIT", 100)  # every file counts as large
+    streamed = _check(task)
+    cols = ["issues", "status", "width", "height", "format", "content_hash"]
+    pd.testing.assert_frame_equal(in_memory[cols], streamed[cols])
+    assert list(streamed.loc["a/cut.jpg", "issues"]) == ["truncated"]

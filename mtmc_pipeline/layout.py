@@ -199,7 +199,7 @@ class _Walker:
 
     def walk_classes_in(self, entries: list[os.DirEntry[str]], relpath: str, split: str) -> None:
         """Every class folder among ``entries`` (a split folder's or the task's own)."""
-        for entry in entries:
+        for entry in sorted(entries, key=lambda e: e.name):  # name order: the first link wins
             name = entry.name
             rel = f"{relpath}/{name}" if relpath else name
             reason = _skip_reason(name)

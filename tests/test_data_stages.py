@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
+import pytest
 
 from mtmc_pipeline import stages
 from mtmc_pipeline.artifacts import TaskArtifacts
 from mtmc_pipeline.config import IntegrityConfig, SamplingConfig, ScanConfig, SplitConfig
-from mtmc_pipeline.splits import class_names_from_schema
+from mtmc_pipeline.splits import TaskDataError, class_names_from_schema
 from tests.images import image_bytes, write
 
 
@@ -92,3 +94,20 @@ def test_error_fraction_check_and_what_the_ui_shows(tmp_path: Path) -> None:
     assert table["share_before"].to_dict() == shares.to_dict()
     assert shares["a"] != shares["b"] and table["expected_share"].tolist() == [0.5, 0.5]
     assert sampling.metadata["class_shares_plot"].data.startswith(b"\x89PNG")
+
+
+def test_a_task_folder_that_cannot_be_listed_fails_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = tmp_path / "data" / "t"
+    _plant(task, {"a": 2})
+    real_scandir = os.scandir
+
+    def refuse(path):
+        if str(path) == str(task):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    with pytest.raises(TaskDataError, match=r"has no image files.*\.: unreadable_dir"):
+        stages.run_inventory(task, TaskArtifacts(tmp_path / "art", "t"), ScanConfig())

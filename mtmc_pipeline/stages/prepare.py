@@ -56,9 +56,13 @@ def run_inventory(task_dir: Path, art: TaskArtifacts, config: ScanConfig) -> Sta
     scan = scan_task(task_dir, config)
     inv = scan.inventory
     if inv.empty:
+        problems = "; ".join(
+            f"{p['relpath']}: {p['problem']} ({p['detail']})" for p in scan.problems
+        )
         raise TaskDataError(
             f"task folder {task_dir} has no image files "
             f"(extensions {', '.join(config.extensions)}); skipped: {dict(scan.skipped) or 'none'}"
+            + (f"; could not walk: {problems}" if problems else "")
         )
     fp = stage_fingerprint("inventory", listing_fingerprint(task_dir, scan), config.model_dump())
     reused = stored_fingerprint(art.inventory) == fp

@@ -151,12 +151,16 @@ def _hash_and_source(fd: int, size: int) -> tuple[str, bytes, IO[bytes]]:
             data += b"".join(iter(lambda: os.read(fd, 2**20), b""))
         return hashlib.blake2b(data, digest_size=16).hexdigest(), data[:32], io.BytesIO(data)
     f = os.fdopen(os.dup(fd), "rb")  # large: hash in blocks, then decode from the file
-    h = hashlib.blake2b(digest_size=16)
-    for block in iter(lambda: f.read(2**20), b""):
-        h.update(block)
-    f.seek(0)
-    head = f.read(32)
-    f.seek(0)
+    try:
+        h = hashlib.blake2b(digest_size=16)
+        for block in iter(lambda: f.read(2**20), b""):
+            h.update(block)
+        f.seek(0)
+        head = f.read(32)
+        f.seek(0)
+    except OSError:
+        f.close()
+        raise
     return h.hexdigest(), head, f
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,19 +108,27 @@ def test_names_that_are_not_utf8_are_recorded_not_listed(tmp_path: Path) -> None
 
 def test_deep_trees_do_not_hit_a_recursion_limit(tmp_path: Path) -> None:
     task = tmp_path / "t"
-    folders = [task / "a"]
-    for _ in range(1100):  # deeper than Python's recursion limit
-        folders.append(folders[-1] / "d")
-    for folder in folders:
-        folder.mkdir(parents=True)
-    _touch(folders[-1] / "deep.jpg")
+    (task / "a").mkdir(parents=True)
+    depth = 400  # deeper than the recursion limit set below: a recursive walk would fail
+    fd = os.open(task / "a", os.O_RDONLY)
+    for _ in range(depth):  # relative to an open folder: no path grows with the depth
+        os.mkdir("d", dir_fd=fd)
+        fd, parent = os.open("d", os.O_RDONLY, dir_fd=fd), fd
+        os.close(parent)
+    os.close(os.open("deep.jpg", os.O_CREAT | os.O_WRONLY, dir_fd=fd))
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(300)
     try:
         scan = scan_task(task)
-        assert scan.inventory["relpath"].tolist() == ["a/" + "d/" * 1100 + "deep.jpg"]
+        assert scan.inventory["relpath"].tolist() == ["a/" + "d/" * depth + "deep.jpg"]
     finally:  # shutil.rmtree, which cleans tmp_path, recurses: remove the depth here
-        (folders[-1] / "deep.jpg").unlink()
-        for folder in reversed(folders):
-            folder.rmdir()
+        sys.setrecursionlimit(limit)
+        os.unlink("deep.jpg", dir_fd=fd)
+        for _ in range(depth):
+            fd, child = os.open("..", os.O_RDONLY, dir_fd=fd), fd
+            os.close(child)
+            os.rmdir("d", dir_fd=fd)
+        os.close(fd)
 
 
 def test_split_folder_names_are_matched_case_insensitively(tmp_path: Path) -> None:

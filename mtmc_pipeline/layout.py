@@ -16,6 +16,7 @@ Rules (also in the README):
 from __future__ import annotations
 
 import os
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,12 @@ class _Walker:
                 size, mtime = st.st_size, st.st_mtime_ns
             except OSError:
                 size, mtime = -1, -1  # broken symlink: listed so integrity reports it
+            else:
+                if not stat.S_ISREG(st.st_mode):  # a FIFO or device: reading it could block
+                    self.problems.append(
+                        {"relpath": self._relpath(entry.path), "problem": "not_a_regular_file"}
+                    )
+                    continue
             self.rows.append((self._relpath(entry.path), split_dir, class_name, size, mtime, ext))
 
     def walk_classes_in(self, parent: str, split_dir: str) -> None:

@@ -67,7 +67,7 @@ def _assert_whole(art: TaskArtifacts) -> None:
     """Every output present is complete and internally consistent."""
     for path in (art.inventory, art.integrity, art.splits, art.sampling_weights):
         pd.read_parquet(path)
-    model, info = load_bundle(art.model_dir)
+    _, info = load_bundle(art.model_dir)
     history = pd.read_parquet(art.model_dir / "history.parquet")
     assert len(history) == info["epochs_run"]
     metrics = read_json(art.evaluation_dir / "metrics.json")

@@ -13,11 +13,13 @@ directories (model bundle, reports) are built beside their final place and swapp
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,14 +106,39 @@ def leaderboard_path(root: Path) -> Path:
     return root / "summary" / "leaderboard.parquet"
 
 
+STALE_TEMP_SECONDS = 600
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """Delete temporaries of ``target`` left by a killed writer (old enough to be nobody's)."""
+    cutoff = time.time() - STALE_TEMP_SECONDS
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if leftover.lstat().st_mtime < cutoff:
+                if leftover.is_dir():
+                    shutil.rmtree(leftover)
+                else:
+                    leftover.unlink()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def _atomic_file(path: Path, suffix: str = "") -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _fsync(tmp_path)  # the bytes reach the disk before the name points at them
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -190,6 +217,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     if old.exists() and not final.exists():
         old.rename(final)  # a previous swap was interrupted between its two renames
     shutil.rmtree(old, ignore_errors=True)
+    _remove_stale_temps(final)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield staging

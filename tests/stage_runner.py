@@ -1,0 +1,40 @@
+"""Run every stage of one task in order, without Dagster: the process the kill tests stop.
+
+Usage: python -m tests.stage_runner DATA_ROOT ARTIFACTS TASK OVERRIDES_JSON
+Prints ``START <stage>`` before each stage so a test can aim its kill.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from mtmc_pipeline import stages
+from mtmc_pipeline.artifacts import TaskArtifacts
+from mtmc_pipeline.config import load_task_config
+from mtmc_pipeline.runtime import resolve_runtime
+
+
+def run(data_root: Path, artifacts: Path, task: str, overrides: dict) -> None:
+    task_dir = data_root / task
+    cfg = load_task_config(task_dir, overrides)
+    art = TaskArtifacts(artifacts, task)
+    runtime = resolve_runtime("cpu")
+    steps = [
+        ("inventory", lambda: stages.run_inventory(task_dir, art, cfg.scan)),
+        ("integrity", lambda: stages.run_integrity(task_dir, art, cfg.integrity)),
+        ("splits", lambda: stages.run_splits(art, cfg.split)),
+        ("sampling_weights", lambda: stages.run_sampling(art, cfg.sampling)),
+        ("model", lambda: stages.run_training(task_dir, art, cfg.train, runtime, lambda _: None)),
+        ("evaluation", lambda: stages.run_evaluation(task_dir, art, cfg.evaluation, runtime)),
+        ("calibration", lambda: stages.run_calibration(art, cfg.calibration)),
+    ]
+    for name, step in steps:
+        print(f"START {name}", flush=True)
+        step()
+    print("DONE", flush=True)
+
+
+if __name__ == "__main__":
+    run(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4]))

@@ -41,7 +41,7 @@ train:
   model: resnet10t
   img_size: 32
   pretrained: false
-  epochs: 12
+  epochs: 8
   lr: 0.005
   hflip: false
 """

@@ -33,7 +33,7 @@ from mtmc_pipeline.losses import build_loss
 from mtmc_pipeline.metrics import confusion, cross_entropy, summary_metrics
 from mtmc_pipeline.models import Preprocess, create_model, head_parameters
 from mtmc_pipeline.runtime import Runtime
-from mtmc_pipeline.schedules import build_schedule
+from mtmc_pipeline.schedules import Schedule, build_schedule
 from mtmc_pipeline.splits import TaskDataError
 
 Log = Callable[[str], None]
@@ -150,21 +150,51 @@ class _Stepper:
         return norm
 
 
-def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "generator": generator.get_state(),
-        "numpy": np.random.get_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-    }
+@dataclass
+class _Parts:
+    """Everything whose state a resumed run needs back, beyond the history and best epoch."""
 
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    stepper: _Stepper
+    criterion: nn.Module
+    ema: ModelEmaV3 | None
+    generator: torch.Generator
+    device: torch.device
 
-def _restore_rng(state: dict[str, Any], generator: torch.Generator, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
-    np.random.set_state(state["numpy"])
-    if state["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.stepper.scaler.state_dict(),
+            "criterion": self.criterion.state_dict(),  # GHM-C's running bin counts
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "generator": self.generator.get_state(),
+                "numpy": np.random.get_state(),
+                "cuda": torch.cuda.get_rng_state(self.device)
+                if self.device.type == "cuda"
+                else None,
+            },
+        }
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.schedule.load_state_dict(saved["schedule"])
+        self.stepper.scaler.load_state_dict(saved["scaler"])
+        self.criterion.load_state_dict(saved["criterion"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(saved["ema"])
+        rng = saved["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.generator.set_state(rng["generator"])
+        np.random.set_state(rng["numpy"])
+        if rng["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
 
 
 def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -247,6 +277,7 @@ def train_model(
     stepper = _Stepper(model, optimizer, config, runtime)
     ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema else None
     eval_model = ema.module if ema is not None else model
+    parts = _Parts(model, optimizer, schedule, stepper, criterion, ema, generator, runtime.device)
 
     history: list[dict[str, Any]] = []
     best_value, best_epoch, best_state = -np.inf, -1, None
@@ -254,17 +285,10 @@ def train_model(
     start_epoch, updates = 0, 0
     saved, why = checkpoint.load() if checkpoint is not None else (None, "")
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        schedule.load_state_dict(saved["schedule"])
-        stepper.scaler.load_state_dict(saved["scaler"])
-        criterion.load_state_dict(saved["criterion"])
-        if ema is not None:
-            ema.module.load_state_dict(saved["ema"])
+        parts.restore(saved)
         start_epoch, updates, history = saved["epoch"], saved["updates"], saved["history"]
         best_value, best_epoch = saved["best_value"], saved["best_epoch"]
         best_metrics, best_state = saved["best_metrics"], saved["best_state"]
-        _restore_rng(saved["rng"], generator, runtime.device)
         schedule.step_update(updates)
         log(f"resuming from the checkpoint after epoch {start_epoch}/{config.epochs}")
     elif checkpoint is not None and why != "no checkpoint":
@@ -328,20 +352,14 @@ def train_model(
         if checkpoint is not None:
             checkpoint.save(
                 {
+                    **parts.state(),
                     "epoch": epoch + 1,
                     "updates": updates,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "scaler": stepper.scaler.state_dict(),
-                    "criterion": criterion.state_dict(),
-                    "ema": ema.module.state_dict() if ema is not None else None,
                     "history": history,
                     "best_value": best_value,
                     "best_epoch": best_epoch,
                     "best_metrics": best_metrics,
                     "best_state": best_state,
-                    "rng": _rng_state(generator, runtime.device),
                 }
             )
         log(

@@ -382,3 +382,21 @@ def test_bad_run_config_fails_the_model_asset_with_the_setting_named(
     error = failure.step_failure_data.error
     assert "train.model = 'resnet_18'" in error.message and "train.epochs = -1" in error.message
     assert "torch" not in "".join(error.stack)
+
+
+def test_torch_device_settings_are_checked() -> None:
+    from assets.resources import TorchDevice
+    from mtmc_pipeline.runtime import DeviceError
+
+    assert TorchDevice(device="cpu").runtime().describe() == "cpu, fp32"
+    assert TorchDevice(device="cpu", precision="bf16").runtime().amp_dtype == torch.bfloat16
+    bad = [
+        ({"device": "tpu"}, "device='tpu'"),
+        ({"device": "cuda:0"} if not torch.cuda.is_available() else {"device": "cuda:99"}, "cuda"),
+        ({"device": "cpu", "precision": "fp16"}, "fp16"),
+        ({"device": "cpu", "precision": "fp8"}, "precision='fp8'"),
+        ({"device": "cpu", "num_workers": -1}, "num_workers=-1"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(DeviceError, match=message):
+            TorchDevice(**kwargs).runtime()

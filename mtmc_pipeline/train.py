@@ -140,11 +140,12 @@ class _Stepper:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if self.clip is not None:
-            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.clip, foreach=True)
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         else:
-            norm = nn.utils.get_total_norm(grads, foreach=True)
+            norm = nn.utils.get_total_norm(
+                [p.grad for p in self.model.parameters() if p.grad is not None]
+            )
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return norm

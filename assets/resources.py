@@ -6,25 +6,32 @@ import os
 from pathlib import Path
 
 import dagster as dg
+from pydantic import Field
 
 from mtmc_pipeline.artifacts import TaskArtifacts
 from mtmc_pipeline.runtime import Runtime, resolve_runtime
 
 
 class TorchDevice(dg.ConfigurableResource):
-    """Where tensors live. ``auto`` picks CUDA when present (then MPS), else the CPU."""
+    """Where tensors live and how they are computed; bad values fail naming the setting."""
 
-    device: str = "auto"
-    precision: str = "auto"
-    channels_last: bool = False
-    num_workers: int = 0
+    device: str = Field(
+        "auto", description="auto (CUDA, then MPS, else CPU), cpu, cuda, cuda:N or mps."
+    )
+    precision: str = Field(
+        "auto",
+        description="auto (bf16 on GPUs that have it, else fp16 with a gradient scaler; fp32 "
+        "on the CPU), fp32, bf16 or fp16.",
+    )
+    channels_last: bool = Field(False, description="NHWC memory format (faster convs on GPUs).")
+    num_workers: int = Field(0, description="Data loader processes (0: load in the main process).")
 
     def runtime(self) -> Runtime:
         return resolve_runtime(
             self.device,
-            self.precision,
+            self.precision,  # type: ignore[arg-type]
             self.channels_last,
-            self.num_workers,  # type: ignore[arg-type]
+            self.num_workers,
         )
 
 

@@ -7,6 +7,10 @@ this module draws per-sample random parameters and applies them to the batch at 
 - random resized crop (scale and aspect ratio as torchvision's), as one ``roi_align`` call;
 - horizontal flip;
 - colour jitter: brightness, contrast, saturation, and hue as a rotation in YIQ space.
+
+Two optional, stronger regularisers come from the libraries practitioners know:
+torchvision's RandAugment (per image, in the loader, on uint8 tensors) and timm's
+Mixup/CutMix (per batch, on the device, producing smoothed soft targets).
 """
 
 from __future__ import annotations
@@ -15,7 +19,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+from timm.data import Mixup
 from torchvision.ops import roi_align
+from torchvision.transforms import v2
+
+from mtmc_pipeline.config import TrainConfig
 
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
@@ -94,3 +102,22 @@ class BatchAugment:
             m = _YIQ_TO_RGB.to(dev, x.dtype) @ rot @ _RGB_TO_YIQ.to(dev, x.dtype)
             x = torch.einsum("nij,njhw->nihw", m, x)
         return x.clamp(0, 255)
+
+
+def randaugment(config: TrainConfig) -> v2.RandAugment | None:
+    """torchvision's RandAugment for one uint8 CHW image, when the config asks for it."""
+    if not config.randaugment:
+        return None
+    return v2.RandAugment(num_ops=2, magnitude=config.randaugment_magnitude)
+
+
+def mixup(config: TrainConfig, num_classes: int) -> Mixup | None:
+    """timm's Mixup/CutMix (batch mode; targets come out smoothed), when an alpha is set."""
+    if not (config.mixup_alpha or config.cutmix_alpha):
+        return None
+    return Mixup(
+        mixup_alpha=config.mixup_alpha,
+        cutmix_alpha=config.cutmix_alpha,
+        label_smoothing=config.label_smoothing,
+        num_classes=num_classes,
+    )

@@ -105,28 +105,106 @@ class TrainConfig(_Section):
     )
     drop_rate: float = Field(0.0, ge=0, lt=1, description="Dropout before the classifier.")
     epochs: int = Field(30, ge=1, description="Maximum passes over the training images.")
-    batch_size: int = Field(64, ge=1, description="Images per optimisation step.")
+    batch_size: int = Field(
+        64, ge=2, description="Images per optimisation step (batch norm needs at least 2)."
+    )
     optimizer: Literal["adamw", "sgd", "adam", "radam"] = Field(
         "adamw", description="adamw, sgd (Nesterov momentum), adam or radam."
     )
     lr: float = Field(1e-3, gt=0, description="Peak learning rate, reached after warmup.")
     weight_decay: float = Field(0.05, ge=0, description="Not applied to norm layers and biases.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
-    warmup_epochs: float = Field(1.0, ge=0, description="Linear warmup before cosine decay.")
+    scheduler: Literal["cosine", "step", "multistep", "plateau", "warm_restarts"] = Field(
+        "cosine",
+        description="Learning-rate schedule after warmup: cosine decay, step, multistep, "
+        "plateau (decay when the monitored metric stalls) or warm_restarts (cosine cycles).",
+    )
+    warmup_epochs: float = Field(1.0, ge=0, description="Linear warmup from lr / 100.")
+    min_lr_ratio: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Floor of cosine, warm_restarts and plateau, as a share of lr.",
+    )
+    decay_epochs: float = Field(10.0, gt=0, description="step: epochs between decays.")
+    decay_milestones: list[int] = Field(
+        default=[15, 25], description="multistep: epochs at which the lr decays."
+    )
+    decay_rate: float = Field(
+        0.1, gt=0, lt=1, description="step, multistep, plateau: lr factor at each decay."
+    )
+    plateau_patience: int = Field(
+        3, ge=0, description="plateau: epochs without gain in the monitored metric first."
+    )
+    restart_epochs: int = Field(10, ge=1, description="warm_restarts: length of the first cycle.")
+    restart_mult: float = Field(
+        1.0, ge=1, description="warm_restarts: each cycle is this much longer than the last."
+    )
+    restart_decay: float = Field(
+        1.0, gt=0, le=1, description="warm_restarts: peak lr factor from one cycle to the next."
+    )
+    clip_grad_norm: float | None = Field(
+        None, gt=0, description="Clip the global gradient norm to this value (none: no clipping)."
+    )
     loss: Literal["ce", "focal", "ghm", "bce"] = Field(
         "ce", description="ce (cross-entropy), focal, ghm (GHM-C) or bce (one-vs-rest)."
     )
-    label_smoothing: float = Field(0.1, ge=0, lt=1, description="For ce and bce.")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="For ce, bce and mixup targets.")
     focal_gamma: float = Field(2.0, ge=0, description="Focusing exponent of the focal loss.")
+    ghm_bins: int = Field(10, ge=1, description="GHM-C: gradient-norm bins.")
+    ghm_momentum: float = Field(0.75, ge=0, lt=1, description="GHM-C: bin count moving average.")
+    class_weights: bool = Field(
+        False,
+        description="Weight each class's loss term (focal: its alpha) by the sampling stage's "
+        "class_weight; an alternative to balanced_sampling, rarely useful with it.",
+    )
     balanced_sampling: bool = Field(True, description="Draw train images by sampling weights.")
     freeze_epochs: int = Field(0, ge=0, description="Epochs that train only the head.")
+    ema: bool = Field(
+        False,
+        description="Keep an exponential moving average of the weights (timm ModelEmaV3); "
+        "validation and the bundle use the average.",
+    )
+    ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA decay (ramped up from 0).")
     patience: int = Field(10, ge=1, description="Early stop after this many epochs without gain.")
     monitor: Literal["macro_f1", "accuracy", "balanced_accuracy", "val_loss"] = Field(
         "macro_f1", description="Validation quantity that picks the best epoch."
     )
     augment: bool = Field(True, description="Random resized crop, flip and colour jitter.")
     hflip: bool = Field(True, description="Horizontal flips (turn off for digits, text...).")
+    randaugment: bool = Field(
+        False, description="torchvision RandAugment per image (2 ops), before the batch jitter."
+    )
+    randaugment_magnitude: int = Field(9, ge=0, le=30, description="RandAugment magnitude.")
+    mixup_alpha: float = Field(0.0, ge=0, description="Mixup Beta(alpha) (timm); 0 is off.")
+    cutmix_alpha: float = Field(0.0, ge=0, description="CutMix Beta(alpha) (timm); 0 is off.")
     seed: int = Field(0, description="Seeds initialisation, sampling and augmentation.")
+
+    @field_validator("model")
+    @classmethod
+    def _is_timm_model(cls, name: str) -> str:
+        from mtmc_pipeline.models import model_name_problem  # imports timm: only when set
+
+        problem = model_name_problem(name)
+        if problem:
+            raise ValueError(problem)
+        return name
+
+    @field_validator("decay_milestones")
+    @classmethod
+    def _milestones_increase(cls, milestones: list[int]) -> list[int]:
+        if not milestones or milestones[0] < 1 or milestones != sorted(set(milestones)):
+            raise ValueError("must be a non-empty, strictly increasing list of epochs >= 1")
+        return milestones
+
+    @model_validator(mode="after")
+    def _mixing_needs_pairs(self) -> TrainConfig:
+        if (self.mixup_alpha or self.cutmix_alpha) and self.batch_size % 2:
+            raise ValueError(
+                f"batch_size = {self.batch_size}: must be even with mixup_alpha or cutmix_alpha "
+                "(images are mixed in pairs)"
+            )
+        return self
 
 
 class EvaluationConfig(_Section):
@@ -176,7 +254,8 @@ def _describe(err: ValidationError, source: str) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         value = e.get("input")
-        lines.append(f"{source}: {key} = {value!r}: {e['msg']}")
+        msg = e["msg"].removeprefix("Value error, ")  # our own validators say what is wrong
+        lines.append(f"{source}: {key} = {value!r}: {msg}")
     return "\n".join(lines)
 
 

@@ -8,7 +8,7 @@ Small data sets are then held in memory as one uint8 tensor; large ones are read
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -89,15 +89,21 @@ def _decode_to_cache(job: tuple[str, str, int, str]) -> None:
 
 
 class CachedImageDataset(Dataset):
-    """(uint8 CHW tensor, label) pairs read from the decoded cache; augmentation is per batch."""
+    """(uint8 CHW tensor, label) pairs read from the decoded cache.
+
+    Augmentation is per batch on the device; ``transform`` is an optional per-image step on
+    the uint8 tensor (RandAugment), run in the loader's workers.
+    """
 
     def __init__(
         self,
         cache: DecodedCache,
         hashes: Sequence[str],
         labels: Sequence[int],
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.cache = cache
+        self.transform = transform
         self.hashes = list(hashes)
         self.labels = torch.as_tensor(list(labels), dtype=torch.long)
         nbytes = len(self.hashes) * 3 * cache.size * cache.size
@@ -116,7 +122,8 @@ class CachedImageDataset(Dataset):
         return torch.from_numpy(self.cache.load(self.hashes[i])).permute(2, 0, 1)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.image(i), self.labels[i]
+        image = self.image(i)
+        return (self.transform(image) if self.transform else image), self.labels[i]
 
 
 class Normalize:

@@ -1,12 +1,17 @@
 """Classification losses used in MTMC practice.
 
 - ``ce``: cross-entropy with label smoothing.
-- ``focal``: softmax focal loss, Lin et al. 2017 (down-weights easy examples by (1 - p_t)^gamma).
+- ``focal``: softmax focal loss, Lin et al. 2017 (down-weights easy examples by (1 - p_t)^gamma;
+  the per-class alpha of the paper is the optional class weight).
 - ``ghm``: GHM-C, Li et al. 2019, on one-vs-rest sigmoid outputs: examples are re-weighted by
   how crowded their gradient-norm bin is, so hordes of easy examples and a few outliers both
   count less (as in mmdetection's ``GHMC``).
 - ``bce``: one-vs-rest binary cross-entropy, which keeps each class's logit meaningful on its
   own (useful when classes can co-occur).
+
+Every loss takes either class indices (N,) or class probabilities (N, C) as targets: Mixup and
+CutMix produce the latter, already smoothed. An optional class weight multiplies each sample's
+term by the (target-weighted) weight of its class.
 """
 
 from __future__ import annotations
@@ -18,33 +23,60 @@ from torch import nn
 from mtmc_pipeline.config import TrainConfig
 
 
-def _one_hot(target: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+def soft_targets(target: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    """Class probabilities (N, C): indices are one-hot encoded and smoothed, probabilities kept."""
+    if target.is_floating_point():
+        return target
     y = F.one_hot(target, num_classes).float()
     if smoothing:
         y = y * (1 - smoothing) + smoothing / num_classes
     return y
 
 
-class FocalLoss(nn.Module):
-    def __init__(self, gamma: float = 2.0, weight: torch.Tensor | None = None) -> None:
+def _sample_weight(weight: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor | None:
+    return None if weight is None else y @ weight
+
+
+class _WeightedLoss(nn.Module):
+    def __init__(self, weight: torch.Tensor | None) -> None:
         super().__init__()
-        self.gamma = gamma
         self.register_buffer("weight", weight)
 
+    def _reduce(self, per_sample: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        w = _sample_weight(self.weight, y)
+        return (per_sample * w).mean() if w is not None else per_sample.mean()
+
+
+class CrossEntropy(_WeightedLoss):
+    def __init__(self, smoothing: float = 0.0, weight: torch.Tensor | None = None) -> None:
+        super().__init__(weight)
+        self.smoothing = smoothing
+
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        y = soft_targets(target, logits.shape[1], self.smoothing)
+        per_sample = -(y * F.log_softmax(logits.float(), dim=1)).sum(1)
+        return self._reduce(per_sample, y)
+
+
+class FocalLoss(_WeightedLoss):
+    def __init__(self, gamma: float = 2.0, weight: torch.Tensor | None = None) -> None:
+        super().__init__(weight)
+        self.gamma = gamma
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        y = soft_targets(target, logits.shape[1])
         logp = F.log_softmax(logits.float(), dim=1)
-        logp_t = logp.gather(1, target[:, None]).squeeze(1)
-        loss = -((1 - logp_t.exp()) ** self.gamma) * logp_t
-        if self.weight is not None:
-            loss = loss * self.weight[target]
-        return loss.mean()
+        per_sample = -(y * (1 - logp.exp()) ** self.gamma * logp).sum(1)
+        return self._reduce(per_sample, y)
 
 
-class GHMCLoss(nn.Module):
+class GHMCLoss(_WeightedLoss):
     """Gradient harmonizing loss for one-vs-rest sigmoid classification."""
 
-    def __init__(self, bins: int = 10, momentum: float = 0.75) -> None:
-        super().__init__()
+    def __init__(
+        self, bins: int = 10, momentum: float = 0.75, weight: torch.Tensor | None = None
+    ) -> None:
+        super().__init__(weight)
         self.bins = bins
         self.momentum = momentum
         self.register_buffer("edges", torch.linspace(0, 1, bins + 1))
@@ -53,7 +85,7 @@ class GHMCLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
-        y = _one_hot(target, logits.shape[1])
+        y = soft_targets(target, logits.shape[1])
         g = (logits.detach().sigmoid() - y).abs()
         weights = torch.zeros_like(logits)
         total = g.numel()
@@ -70,34 +102,34 @@ class GHMCLoss(nn.Module):
                     weights[in_bin] = total / count
         if valid_bins:
             weights = weights / valid_bins
-        loss = F.binary_cross_entropy_with_logits(logits, y, weights, reduction="sum")
-        return loss / total
+        per_elem = F.binary_cross_entropy_with_logits(logits, y, weights, reduction="none")
+        return self._reduce(per_elem.sum(1), y) * logits.shape[0] / total
 
 
-class OneVsRestBCE(nn.Module):
+class OneVsRestBCE(_WeightedLoss):
     def __init__(self, smoothing: float = 0.0, weight: torch.Tensor | None = None) -> None:
-        super().__init__()
+        super().__init__(weight)
         self.smoothing = smoothing
-        self.register_buffer("weight", weight)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        y = _one_hot(target, logits.shape[1], self.smoothing)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), y, reduction="none").sum(1)
-        if self.weight is not None:
-            loss = loss * self.weight[target]
-        return loss.mean()
+        y = soft_targets(target, logits.shape[1], self.smoothing)
+        per_sample = F.binary_cross_entropy_with_logits(logits.float(), y, reduction="none").sum(1)
+        return self._reduce(per_sample, y)
 
 
 def build_loss(
     config: TrainConfig, num_classes: int, class_weight: torch.Tensor | None = None
 ) -> nn.Module:
-    """The loss named by ``config.loss``; ``class_weight`` multiplies each class's term."""
+    """The loss named by ``config.loss``; ``class_weight`` (C,) multiplies each class's term."""
+    if class_weight is not None and class_weight.shape != (num_classes,):
+        shape = tuple(class_weight.shape)
+        raise ValueError(f"class_weight has shape {shape}, expected ({num_classes},)")
     if config.loss == "ce":
-        return nn.CrossEntropyLoss(weight=class_weight, label_smoothing=config.label_smoothing)
+        return CrossEntropy(config.label_smoothing, class_weight)
     if config.loss == "focal":
         return FocalLoss(config.focal_gamma, class_weight)
     if config.loss == "ghm":
-        return GHMCLoss()
+        return GHMCLoss(config.ghm_bins, config.ghm_momentum, class_weight)
     if config.loss == "bce":
         return OneVsRestBCE(config.label_smoothing, class_weight)
     raise ValueError(f"train.loss = {config.loss!r}: use ce, focal, ghm or bce")

@@ -29,13 +29,28 @@ class PretrainedUnavailableError(RuntimeError):
     """Pretrained weights were asked for but could not be fetched or read."""
 
 
-def check_model_name(name: str) -> None:
-    """Fail with the closest timm names when ``name`` is not a timm model."""
+def model_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a timm model, with the closest names (None when it is one)."""
     if timm.is_model(name):
-        return
+        return None
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    raise ConfigError(f"train.model = {name!r}: not a timm model.{hint}")
+    return f"not a timm model.{hint}"
+
+
+def check_model_name(name: str) -> None:
+    """Fail with the closest timm names when ``name`` is not a timm model."""
+    problem = model_name_problem(name)
+    if problem:
+        raise ConfigError(f"train.model = {name!r}: {problem}")
+
+
+def _size_kwargs(arch: str, img_size: int | None) -> dict[str, Any]:
+    """Models with a fixed input size (ViTs and the like) must be built for ``img_size``."""
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if img_size and cfg is not None and cfg.fixed_input_size:
+        return {"img_size": img_size}
+    return {}
 
 
 def _clean_state_dict(raw: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -83,14 +98,14 @@ def create_model(
     pretrained_path: str | None = None,
     drop_rate: float = 0.0,
     log: Callable[[str], None] = print,
+    img_size: int | None = None,
 ) -> nn.Module:
     """A timm model with a fresh head of ``num_classes`` outputs."""
     check_model_name(arch)
+    kwargs = {"num_classes": num_classes, "drop_rate": drop_rate, **_size_kwargs(arch, img_size)}
     if pretrained and not pretrained_path:
         try:
-            return timm.create_model(
-                arch, pretrained=True, num_classes=num_classes, drop_rate=drop_rate
-            )
+            return timm.create_model(arch, pretrained=True, **kwargs)
         except Exception as e:
             raise PretrainedUnavailableError(
                 f"train.pretrained = true: could not fetch pretrained weights for {arch!r} "
@@ -98,7 +113,13 @@ def create_model(
                 "offline, download the weights elsewhere and set train.pretrained_path to the "
                 ".safetensors file, or set train.pretrained: false to train from scratch."
             ) from None
-    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
+    try:
+        model = timm.create_model(arch, pretrained=False, **kwargs)
+    except (AssertionError, RuntimeError, TypeError, ValueError) as e:
+        settings = ", ".join(f"{k} = {v!r}" for k, v in kwargs.items() if k != "num_classes")
+        raise ConfigError(
+            f"train.model = {arch!r} ({settings}): timm cannot build it: {e}"
+        ) from None
     if pretrained_path:
         skipped = load_matching(model, read_weights(Path(pretrained_path)))
         log(
@@ -131,9 +152,17 @@ def save_bundle(directory: Path, model: nn.Module, info: dict[str, Any]) -> None
 
 
 def load_bundle(directory: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a saved model in eval mode, plus its ``model.json`` contents."""
+    """Rebuild a saved model in eval mode, plus its ``model.json`` contents.
+
+    The architecture comes from the JSON and the tensors from safetensors: nothing is unpickled.
+    """
     info = read_json(directory / MODEL_FILE)
-    model = timm.create_model(info["arch"], pretrained=False, num_classes=len(info["class_names"]))
+    model = timm.create_model(
+        info["arch"],
+        pretrained=False,
+        num_classes=len(info["class_names"]),
+        **_size_kwargs(info["arch"], info.get("img_size")),
+    )
     model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
     return model.to(device).eval(), info
 

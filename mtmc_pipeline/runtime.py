@@ -70,6 +70,8 @@ def resolve_runtime(
     num_workers: int = 0,
 ) -> Runtime:
     """Turn user settings into a concrete runtime; "auto" prefers CUDA and bf16 where it can."""
+    if num_workers < 0:
+        raise DeviceError(f"num_workers={num_workers}: use 0 (main process) or more")
     dev = _pick_device(device)
     if precision == "auto":
         if dev.type == "cuda":

@@ -1,34 +1,40 @@
-"""The training loop: balanced sampling, warmup + cosine, frozen-backbone epochs, AMP,
-no weight decay on norm layers and biases, early stopping on a validation metric.
+"""The training loop: balanced sampling, warmup + schedule, frozen-backbone epochs, AMP,
+gradient clipping, EMA, Mixup/CutMix, early stopping on a validation metric, and resuming.
 
 The best epoch's weights are what the loop returns. Images come from the decoded cache
-(:mod:`mtmc_pipeline.data`), normalisation happens on the device once per batch.
+(:mod:`mtmc_pipeline.data`); augmentation and normalisation happen on the device once per
+batch. After every epoch the whole training state goes into a :class:`Checkpoint`, so a
+killed run continues from its last finished epoch; on the CPU (with ``num_workers=0``) the
+continued run ends with exactly the weights an uninterrupted run would have.
 """
 
 from __future__ import annotations
 
-import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from mtmc_pipeline.augment import AugmentSettings, BatchAugment
-from mtmc_pipeline.config import TrainConfig
+from mtmc_pipeline.augment import AugmentSettings, BatchAugment, mixup, randaugment
+from mtmc_pipeline.checkpoint import Checkpoint
+from mtmc_pipeline.config import ConfigError, TrainConfig
 from mtmc_pipeline.data import CachedImageDataset, DecodedCache, Normalize
 from mtmc_pipeline.evaluate import predict_logits
 from mtmc_pipeline.losses import build_loss
 from mtmc_pipeline.metrics import confusion, cross_entropy, summary_metrics
 from mtmc_pipeline.models import Preprocess, create_model, head_parameters
 from mtmc_pipeline.runtime import Runtime
+from mtmc_pipeline.schedules import Schedule, build_schedule
+from mtmc_pipeline.splits import TaskDataError
 
 Log = Callable[[str], None]
 
@@ -43,11 +49,12 @@ class TrainResult:
     seconds: float
     images_per_second: float
     parameters: int
+    resumed_at_epoch: int | None = None  # first epoch this process ran, when it resumed
 
 
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)  # timm's Mixup draws from numpy's global generator
 
 
 def _monitor_value(metrics: dict[str, float], monitor: str) -> float:
@@ -62,6 +69,139 @@ def _set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
             p.requires_grad_(trainable)
 
 
+def _check_input_size(model: nn.Module, config: TrainConfig, device: torch.device) -> None:
+    """Fail before any decoding when the network cannot take ``img_size`` inputs."""
+    size = config.img_size
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, 3, size, size, device=device))
+    except (AssertionError, RuntimeError, ValueError) as e:
+        raise ConfigError(
+            f"train.img_size = {size}: {config.model} cannot take {size}x{size} images "
+            f"({str(e).splitlines()[0]})"
+        ) from None
+
+
+def train_loader(
+    dataset: CachedImageDataset,
+    weights: Sequence[float] | None,
+    config: TrainConfig,
+    runtime: Runtime,
+    generator: torch.Generator,
+) -> DataLoader:
+    """Batches of the train split: drawn by ``weights`` (balanced sampling) or shuffled."""
+    n = len(dataset)
+    if n < 2:
+        raise TaskDataError(f"the train split has {n} usable image(s); at least 2 are needed")
+    batch_size = min(config.batch_size, n)
+    if config.mixup_alpha or config.cutmix_alpha:
+        batch_size -= batch_size % 2  # images are mixed in pairs
+    sampler = None
+    if weights is not None:
+        sampler = WeightedRandomSampler(
+            torch.tensor(np.asarray(weights, dtype=np.float64)),
+            num_samples=n,
+            replacement=True,
+            generator=generator,
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=sampler is None,
+        generator=generator if sampler is None else None,
+        num_workers=runtime.num_workers,
+        drop_last=n > batch_size,
+        pin_memory=runtime.device.type == "cuda",
+        persistent_workers=runtime.num_workers > 0,
+    )
+
+
+class _Stepper:
+    """Backward, optional unscale + clip, optimizer step, scaler update; keeps the grad norm."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: TrainConfig,
+        runtime: Runtime,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.clip = config.clip_grad_norm
+        # fp16 needs loss scaling; bf16 and fp32 do not
+        self.scaler = torch.amp.GradScaler(
+            runtime.device.type, enabled=runtime.amp_dtype == torch.float16
+        )
+
+    def __call__(self, loss: torch.Tensor) -> torch.Tensor:
+        """One update; returns the gradient norm before clipping (a 0-dim tensor)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        if self.clip is not None:
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        else:
+            norm = nn.utils.get_total_norm(
+                [p.grad for p in self.model.parameters() if p.grad is not None]
+            )
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return norm
+
+
+@dataclass
+class _Parts:
+    """Everything whose state a resumed run needs back, beyond the history and best epoch."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    stepper: _Stepper
+    criterion: nn.Module
+    ema: ModelEmaV3 | None
+    generator: torch.Generator
+    device: torch.device
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.stepper.scaler.state_dict(),
+            "criterion": self.criterion.state_dict(),  # GHM-C's running bin counts
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "generator": self.generator.get_state(),
+                "numpy": np.random.get_state(),
+                "cuda": torch.cuda.get_rng_state(self.device)
+                if self.device.type == "cuda"
+                else None,
+            },
+        }
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.schedule.load_state_dict(saved["schedule"])
+        self.stepper.scaler.load_state_dict(saved["scaler"])
+        self.criterion.load_state_dict(saved["criterion"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(saved["ema"])
+        rng = saved["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.generator.set_state(rng["generator"])
+        np.random.set_state(rng["numpy"])
+        if rng["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+
+def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
 def train_model(
     manifest: pd.DataFrame,
     class_names: list[str],
@@ -71,17 +211,33 @@ def train_model(
     config: TrainConfig,
     runtime: Runtime,
     log: Log = print,
+    checkpoint: Checkpoint | None = None,
+    class_weight: Sequence[float] | None = None,
 ) -> TrainResult:
-    """Train on the manifest's train split, select the best epoch on its val split."""
+    """Train on the manifest's train split, select the best epoch on its val split.
+
+    ``sample_weights`` (the sampling stage's per-image table) drives balanced sampling when
+    ``config.balanced_sampling``; ``class_weight`` (one per class) weights the loss. With a
+    ``checkpoint`` the run continues from it when it was made from the same inputs.
+    """
     seed_everything(config.seed)
     num_classes = len(class_names)
     model = create_model(
-        config.model, num_classes, config.pretrained, config.pretrained_path, config.drop_rate, log
+        config.model,
+        num_classes,
+        config.pretrained,
+        config.pretrained_path,
+        config.drop_rate,
+        log,
+        config.img_size,
     )
     pre = Preprocess.for_model(model, config.img_size)
     model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if runtime.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    _check_input_size(model, config, runtime.device)
     parameters = sum(p.numel() for p in model.parameters())
 
     cache = DecodedCache(cache_root, config.img_size, pre.interpolation)
@@ -91,35 +247,25 @@ def train_model(
     log(f"decoded {decoded} new images into the cache ({len(manifest) - decoded} cached)")
     train_rows = manifest[manifest["split"] == "train"].reset_index(drop=True)
     val_rows = manifest[manifest["split"] == "val"].reset_index(drop=True)
-    train_ds = CachedImageDataset(cache, train_rows["content_hash"], train_rows["label"])
+    train_ds = CachedImageDataset(
+        cache, train_rows["content_hash"], train_rows["label"], randaugment(config)
+    )
     val_ds = CachedImageDataset(cache, val_rows["content_hash"], val_rows["label"])
+    y_val = val_rows["label"].to_numpy()
 
     generator = torch.Generator().manual_seed(config.seed)
-    sampler = None
+    weights = None
     if config.balanced_sampling and sample_weights is not None:
-        weights = train_rows[["relpath"]].merge(sample_weights, on="relpath", how="left")["weight"]
-        sampler = WeightedRandomSampler(
-            torch.tensor(weights.fillna(1.0).to_numpy(), dtype=torch.double),
-            num_samples=len(train_rows),
-            replacement=True,
-            generator=generator,
-        )
-    loader = DataLoader(
-        train_ds,
-        batch_size=min(config.batch_size, len(train_ds)),
-        sampler=sampler,
-        shuffle=sampler is None,
-        generator=generator if sampler is None else None,
-        num_workers=runtime.num_workers,
-        drop_last=len(train_ds) > config.batch_size,
-        pin_memory=runtime.device.type == "cuda",
-        persistent_workers=runtime.num_workers > 0,
-    )
+        merged = train_rows[["relpath"]].merge(sample_weights, on="relpath", how="left")
+        weights = merged["weight"].fillna(1.0).to_numpy()
+    loader = train_loader(train_ds, weights, config, runtime, generator)
     normalize = Normalize(pre, runtime.device, runtime.channels_last)
     augment = (
         BatchAugment(AugmentSettings(hflip=config.hflip), generator) if config.augment else None
     )
-    criterion = build_loss(config, num_classes).to(runtime.device)
+    mix = mixup(config, num_classes)
+    cw = None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32)
+    criterion = build_loss(config, num_classes, cw).to(runtime.device)
     optimizer = create_optimizer_v2(
         model,
         opt=config.optimizer,
@@ -128,86 +274,128 @@ def train_model(
         momentum=config.momentum,
         filter_bias_and_bn=True,
     )
-    scheduler, _ = create_scheduler_v2(
-        optimizer,
-        sched="cosine",
-        num_epochs=config.epochs,
-        warmup_epochs=config.warmup_epochs,
-        warmup_lr=config.lr * 0.01,
-        min_lr=config.lr * 0.01,
-        step_on_epochs=False,
-        updates_per_epoch=len(loader),
-    )
-    scaler = torch.amp.GradScaler(enabled=runtime.amp_dtype == torch.float16)
+    schedule = build_schedule(optimizer, config, len(loader))
+    stepper = _Stepper(model, optimizer, config, runtime)
+    ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema else None
+    eval_model = ema.module if ema is not None else model
+    parts = _Parts(model, optimizer, schedule, stepper, criterion, ema, generator, runtime.device)
 
-    history: list[dict[str, float]] = []
+    history: list[dict[str, Any]] = []
     best_value, best_epoch, best_state = -np.inf, -1, None
     best_metrics: dict[str, float] = {}
-    updates, start, seen = 0, time.perf_counter(), 0
-    for epoch in range(config.epochs):
+    start_epoch, updates = 0, 0
+    saved, why = checkpoint.load() if checkpoint is not None else (None, "")
+    if saved is not None:
+        parts.restore(saved)
+        start_epoch, updates, history = saved["epoch"], saved["updates"], saved["history"]
+        best_value, best_epoch = saved["best_value"], saved["best_epoch"]
+        best_metrics, best_state = saved["best_metrics"], saved["best_state"]
+        schedule.step_update(updates)
+        log(f"resuming from the checkpoint after epoch {start_epoch}/{config.epochs}")
+    elif checkpoint is not None and why != "no checkpoint":
+        log(f"starting afresh: {why}")
+
+    end_epoch = config.epochs
+    if history and _stalled(history, best_epoch, config):
+        end_epoch = start_epoch  # the killed run had already stopped early
+    for epoch in range(start_epoch, end_epoch):
         frozen = epoch < config.freeze_epochs
         _set_backbone_trainable(model, not frozen)
         model.train()
-        t0, losses, count = time.perf_counter(), 0.0, 0
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=runtime.device)
+        norm_sum = torch.zeros((), device=runtime.device)
+        count, steps, lr = 0, 0, optimizer.param_groups[0]["lr"]
         for x, y in loader:
             y = y.to(runtime.device, non_blocking=True)
             x = normalize.to_device(x)
             if augment is not None:
                 x = augment(x)
+            target = y
+            if mix is not None:
+                x, target = mix(x, y)
             with runtime.autocast():
-                loss = criterion(model(normalize(x)), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+                loss = criterion(model(normalize(x)), target)
+            lr = optimizer.param_groups[0]["lr"]
+            norm_sum += stepper(loss).detach()
             updates += 1
-            scheduler.step_update(updates)
-            losses += loss.item() * len(y)
+            schedule.step_update(updates)
+            if ema is not None:
+                ema.update(model, step=updates)
+            loss_sum += loss.detach() * len(y)
             count += len(y)
+            steps += 1
         train_seconds = time.perf_counter() - t0
-        seen += count
-        logits = predict_logits(model, val_ds, normalize, runtime, config.batch_size * 2)
-        y_val = val_rows["label"].to_numpy()
+        logits = predict_logits(eval_model, val_ds, normalize, runtime, config.batch_size * 2)
         metrics = summary_metrics(confusion(y_val, logits.argmax(1), num_classes))
         metrics["val_loss"] = cross_entropy(logits, y_val)
         row = {
             "epoch": epoch,
-            "train_loss": losses / max(count, 1),
+            "train_loss": loss_sum.item() / max(count, 1),
             "val_loss": metrics["val_loss"],
             "val_accuracy": metrics["accuracy"],
             "val_macro_f1": metrics["macro_f1"],
             "val_balanced_accuracy": metrics["balanced_accuracy"],
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": lr,  # of the epoch's last update
+            "grad_norm": norm_sum.item() / max(steps, 1),
             "frozen": frozen,
+            "images": count,
             "images_per_second": count / train_seconds if train_seconds > 0 else 0.0,
             "seconds": time.perf_counter() - t0,
         }
         history.append(row)
         value = _monitor_value(metrics, config.monitor)
+        schedule.step(epoch + 1, value)
         improved = value > best_value
         if improved:
             best_value, best_epoch, best_metrics = value, epoch, metrics
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = _cpu_copy(eval_model)
+        if checkpoint is not None:
+            checkpoint.save(
+                {
+                    **parts.state(),
+                    "epoch": epoch + 1,
+                    "updates": updates,
+                    "history": history,
+                    "best_value": best_value,
+                    "best_epoch": best_epoch,
+                    "best_metrics": best_metrics,
+                    "best_state": best_state,
+                }
+            )
         log(
             f"epoch {epoch + 1}/{config.epochs}{' (frozen backbone)' if frozen else ''}: "
             f"train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
             f"val_acc {row['val_accuracy']:.4f} val_macro_f1 {row['val_macro_f1']:.4f} "
-            f"{row['images_per_second']:.0f} img/s{' *' if improved else ''}"
+            f"lr {row['lr']:.2e} {row['images_per_second']:.0f} img/s{' *' if improved else ''}"
         )
-        if epoch - best_epoch >= config.patience and not frozen:
+        if _stalled(history, best_epoch, config):
             log(f"early stop: no gain in {config.monitor} for {config.patience} epochs")
             break
-    seconds = time.perf_counter() - start
     if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
+        eval_model.load_state_dict(best_state)
+    eval_model.eval()
+    frame = pd.DataFrame(history)
     return TrainResult(
-        model=model,
+        model=eval_model,
         preprocess=pre,
-        history=pd.DataFrame(history),
+        history=frame,
         best_epoch=best_epoch,
         best_metrics=best_metrics,
-        seconds=seconds,
-        images_per_second=seen / sum(h["seconds"] for h in history),
+        seconds=float(frame["seconds"].sum()),
+        images_per_second=_overall_rate(frame),
         parameters=parameters,
+        resumed_at_epoch=start_epoch if saved is not None else None,
     )
+
+
+def _stalled(history: list[dict[str, Any]], best_epoch: int, config: TrainConfig) -> bool:
+    """Early stopping: ``patience`` epochs without gain, never while the backbone is frozen."""
+    last = history[-1]
+    return last["epoch"] - best_epoch >= config.patience and not last["frozen"]
+
+
+def _overall_rate(history: pd.DataFrame) -> float:
+    """Training images per second over all epochs (validation time excluded)."""
+    train_seconds = (history["images"] / history["images_per_second"]).sum()
+    return float(history["images"].sum() / train_seconds) if train_seconds > 0 else 0.0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -120,3 +122,281 @@ def test_same_seed_same_weights(tmp_path: Path) -> None:
     s0, s1 = (r.model.state_dict() for r in runs)
     assert all(torch.equal(s0[k], s1[k]) for k in s0)
     assert runs[0].history["train_loss"].tolist() == runs[1].history["train_loss"].tolist()
+
+
+def _lrs_per_epoch(
+    config: TrainConfig, metrics: list[float] | None = None
+) -> tuple[list[float], float]:
+    """The learning rate each epoch starts with (10 updates an epoch), and the final one."""
+    from mtmc_pipeline.schedules import build_schedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
+    schedule = build_schedule(opt, config, updates_per_epoch=10)
+    out, updates = [], 0
+    for epoch in range(config.epochs):
+        out.append(opt.param_groups[0]["lr"])
+        for _ in range(10):
+            updates += 1
+            schedule.step_update(updates)
+        schedule.step(epoch + 1, metrics[epoch] if metrics else None)
+    return out, opt.param_groups[0]["lr"]
+
+
+def test_cosine_warms_up_then_decays_to_the_floor() -> None:
+    lrs, final = _lrs_per_epoch(TrainConfig(lr=1.0, epochs=10, warmup_epochs=2, min_lr_ratio=0.05))
+    assert lrs[:3] == pytest.approx([0.01, 0.505, 1.0])  # linear warmup from lr / 100
+    assert all(a > b for a, b in pairwise(lrs[2:]))
+    assert final == pytest.approx(0.05)
+
+
+def test_step_and_multistep_decay_at_their_epochs() -> None:
+    step, _ = _lrs_per_epoch(
+        TrainConfig(lr=1.0, epochs=6, warmup_epochs=0, scheduler="step", decay_epochs=2)
+    )
+    assert step == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    multi, _ = _lrs_per_epoch(
+        TrainConfig(
+            lr=1.0,
+            epochs=6,
+            warmup_epochs=0,
+            scheduler="multistep",
+            decay_milestones=[1, 4],
+            decay_rate=0.5,
+        )
+    )
+    assert multi == pytest.approx([1, 0.5, 0.5, 0.5, 0.25, 0.25])
+
+
+def test_warm_restarts_return_to_the_peak() -> None:
+    lrs, _ = _lrs_per_epoch(
+        TrainConfig(lr=1.0, epochs=8, warmup_epochs=0, scheduler="warm_restarts", restart_epochs=4)
+    )
+    assert lrs[0] == lrs[4] == pytest.approx(1.0)  # two cycles of 4 epochs
+    assert lrs[3] < 0.2 and lrs[7] < 0.2
+
+
+def test_plateau_decays_when_the_metric_stalls() -> None:
+    config = TrainConfig(
+        lr=1.0, epochs=7, warmup_epochs=1, scheduler="plateau", plateau_patience=2, decay_rate=0.5
+    )
+    lrs, _ = _lrs_per_epoch(config, metrics=[0.1, 0.5, 0.6, 0.6, 0.6, 0.6, 0.6])
+    assert lrs == pytest.approx([0.01, 1, 1, 1, 1, 1, 0.5])  # 3 epochs without gain: one decay
+
+
+def test_gradient_clipping_limits_the_update_and_reports_the_norm() -> None:
+    from mtmc_pipeline.train import _Stepper
+
+    model = torch.nn.Linear(4, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    stepper = _Stepper(model, opt, TrainConfig(clip_grad_norm=0.5), resolve_runtime("cpu"))
+    loss = (model(torch.full((1, 4), 10.0)) - 100).pow(2).sum()
+    norm = stepper(loss)
+    assert norm.item() == pytest.approx(4000.0)  # |2 * -100 * 10| * sqrt(4), before clipping
+    assert model.weight.norm().item() == pytest.approx(0.5, rel=1e-4)  # lr 1 x clipped grad
+
+
+def test_soft_targets_give_the_same_loss_as_indices() -> None:
+    from mtmc_pipeline.losses import soft_targets
+
+    logits = torch.randn(6, 4)
+    target = torch.tensor([0, 1, 2, 3, 0, 1])
+    for loss in ("ce", "focal", "ghm", "bce"):
+        cfg = TrainConfig(loss=loss, label_smoothing=0.1)
+        smoothing = 0.1 if loss in ("ce", "bce") else 0.0
+        soft = soft_targets(target, 4, smoothing)
+        assert build_loss(cfg, 4)(logits, soft) == pytest.approx(
+            build_loss(cfg, 4)(logits, target).item(), rel=1e-5
+        ), loss
+
+
+def test_class_weights_scale_each_class_term() -> None:
+    logits = torch.randn(4, 2)
+    target = torch.tensor([0, 0, 1, 1])
+    cfg = TrainConfig(loss="ce", label_smoothing=0.0)
+    per_sample = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    weighted = build_loss(cfg, 2, torch.tensor([0.0, 3.0]))(logits, target)
+    assert weighted.item() == pytest.approx((per_sample[2:].sum() * 3 / 4).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="expected \\(2,\\)"):
+        build_loss(cfg, 2, torch.ones(3))
+
+
+def test_balanced_sampling_evens_out_classes_and_can_be_switched_off() -> None:
+    from torch.utils.data import TensorDataset
+
+    from mtmc_pipeline.sampling import sampling_weights
+    from mtmc_pipeline.train import train_loader
+
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    data = TensorDataset(torch.zeros(100, 3, 2, 2, dtype=torch.uint8), labels)
+    manifest = pd.DataFrame(
+        {"relpath": [f"{i}.png" for i in range(100)], "label": labels.numpy(), "split": "train"}
+    )
+    weights, _ = sampling_weights(manifest, ["big", "small"])
+    cfg, cpu = TrainConfig(batch_size=50), resolve_runtime("cpu")
+
+    def share_of_small(w: object) -> float:
+        loader = train_loader(data, w, cfg, cpu, torch.Generator().manual_seed(0))
+        drawn = torch.cat([y for _ in range(20) for _, y in loader])
+        return (drawn == 1).float().mean().item()
+
+    assert share_of_small(weights["weight"].to_numpy()) == pytest.approx(0.5, abs=0.05)
+    assert share_of_small(None) == pytest.approx(0.1, abs=1e-6)  # a plain shuffle
+
+
+def test_randaugment_changes_pixels_not_shape() -> None:
+    from mtmc_pipeline.augment import randaugment
+
+    assert randaugment(TrainConfig()) is None
+    transform = randaugment(TrainConfig(randaugment=True, randaugment_magnitude=15))
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 24, 24), dtype=torch.uint8)
+    out = [transform(image) for _ in range(5)]
+    assert all(o.shape == image.shape and o.dtype == torch.uint8 for o in out)
+    assert any(not torch.equal(o, image) for o in out)
+
+
+def _tiny_task(root: Path) -> tuple[pd.DataFrame, list[str]]:
+    from tests.images import image_bytes, write
+
+    manifest, classes = _manifest()
+    for r in manifest.itertuples():
+        write(root / r.relpath, image_bytes(seed=int(r.label) * 100 + len(r.relpath)))
+    return manifest, classes
+
+
+def test_ema_weights_are_what_validation_and_the_bundle_use(tmp_path: Path) -> None:
+    from mtmc_pipeline.checkpoint import Checkpoint
+
+    manifest, classes = _tiny_task(tmp_path / "data")
+    cfg = TrainConfig(
+        model="test_resnet", img_size=16, pretrained=False, epochs=1, batch_size=4, ema=True
+    )
+    ckpt = Checkpoint(tmp_path / "ckpt.safetensors", "fp")
+    result = train_model(
+        manifest, classes, None, tmp_path / "data", tmp_path / "cache", cfg,
+        resolve_runtime("cpu"), lambda _: None, ckpt,
+    )  # fmt: skip
+    saved, _ = ckpt.load()
+    assert saved is not None
+    mine = result.model.state_dict()
+    assert all(torch.equal(mine[k], saved["ema"][k]) for k in mine)
+    assert any(not torch.equal(mine[k], saved["model"][k]) for k in mine)
+
+
+def test_every_option_together_trains(tmp_path: Path) -> None:
+    manifest, classes = _tiny_task(tmp_path / "data")
+    cfg = TrainConfig(
+        model="test_resnet",
+        img_size=16,
+        pretrained=False,
+        epochs=2,
+        batch_size=4,
+        loss="focal",
+        optimizer="sgd",
+        scheduler="warm_restarts",
+        restart_epochs=1,
+        clip_grad_norm=1.0,
+        ema=True,
+        randaugment=True,
+        mixup_alpha=0.2,
+        cutmix_alpha=1.0,
+        freeze_epochs=1,
+    )
+    result = train_model(
+        manifest, classes, None, tmp_path / "data", tmp_path / "cache", cfg,
+        resolve_runtime("cpu"), lambda _: None, class_weight=[2.0, 0.5],
+    )  # fmt: skip
+    history = result.history
+    assert len(history) == 2 and history["frozen"].tolist() == [True, False]
+    assert history[["train_loss", "val_loss", "grad_norm"]].notna().all().all()
+    assert np.isfinite(history["train_loss"]).all() and (history["images"] > 0).all()
+
+
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        ({"model": "resnet_18"}, r"train\.model = 'resnet_18': .*Did you mean: .*resnet18"),
+        ({"epochs": -3}, r"train\.epochs = -3"),
+        ({"loss": "hinge"}, r"train\.loss = 'hinge'"),
+        ({"scheduler": "cyclic"}, r"train\.scheduler = 'cyclic'"),
+        ({"decay_milestones": [20, 10]}, r"train\.decay_milestones = \[20, 10\]"),
+        ({"mixup_alpha": 0.2, "batch_size": 33}, r"batch_size = 33: must be even"),
+        ({"batch_size": 1}, r"train\.batch_size = 1"),
+    ],
+)
+def test_bad_training_settings_fail_fast_naming_the_setting(
+    tmp_path: Path, train: dict[str, object], message: str
+) -> None:
+    from mtmc_pipeline.config import load_task_config
+
+    (tmp_path / "task.yaml").write_text(
+        "train:\n" + "".join(f"  {k}: {v}\n" for k, v in train.items()), "utf-8"
+    )
+    with pytest.raises(ConfigError, match=message) as err:
+        load_task_config(tmp_path)
+    assert "task.yaml" in str(err.value)
+
+
+def test_an_input_size_the_model_cannot_take_is_a_config_error(tmp_path: Path) -> None:
+    manifest, classes = _tiny_task(tmp_path / "data")
+    cfg = TrainConfig(model="test_vit", img_size=20, pretrained=False)  # patches of 16 px
+    with pytest.raises(ConfigError, match=r"train\.img_size = 20: test_vit cannot take 20x20"):
+        train_model(
+            manifest, classes, None, tmp_path / "data", tmp_path / "cache", cfg,
+            resolve_runtime("cpu"), lambda _: None,
+        )  # fmt: skip
+    assert not (tmp_path / "cache").exists()  # failed before decoding anything
+
+
+def test_shipped_instance_limits_the_gpu_pool_and_watches_runs() -> None:
+    import dagster as dg
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / ".dagster" / "dagster.yaml"
+    settings = yaml.safe_load(path.read_text("utf-8"))
+    with dg.instance_for_test(overrides=settings) as instance:
+        assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+        assert instance.run_monitoring_enabled
+        assert instance.run_monitoring_settings["free_slots_after_run_end_seconds"] > 0
+
+
+def test_bad_run_config_fails_the_model_asset_with_the_setting_named(
+    tiny_root: Path, tmp_path: Path
+) -> None:
+    import dagster as dg
+
+    from assets.definitions import build_definitions
+
+    defs = build_definitions(tiny_root, tmp_path)
+    job = defs.resolve_implicit_global_asset_job_def()
+    with dg.instance_for_test() as instance:
+        result = job.execute_in_process(
+            instance=instance,
+            asset_selection=[dg.AssetKey(["digits", "model"])],
+            run_config={"ops": {"digits__model": {"config": {"model": "resnet_18", "epochs": -1}}}},
+            raise_on_error=False,
+        )
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    error = failure.step_failure_data.error
+    assert "train.model = 'resnet_18'" in error.message and "train.epochs = -1" in error.message
+    assert "torch" not in "".join(error.stack)
+
+
+def test_torch_device_settings_are_checked() -> None:
+    from assets.resources import TorchDevice
+    from mtmc_pipeline.runtime import DeviceError
+
+    assert TorchDevice(device="cpu").runtime().describe() == "cpu, fp32"
+    assert TorchDevice(device="cpu", precision="bf16").runtime().amp_dtype == torch.bfloat16
+    bad = [
+        ({"device": "tpu"}, "device='tpu'"),
+        ({"device": "cuda:0"} if not torch.cuda.is_available() else {"device": "cuda:99"}, "cuda"),
+        ({"device": "cpu", "precision": "fp16"}, "fp16"),
+        ({"device": "cpu", "precision": "fp8"}, "precision='fp8'"),
+        ({"device": "cpu", "num_workers": -1}, "num_workers=-1"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(DeviceError, match=message):
+            TorchDevice(**kwargs).runtime()

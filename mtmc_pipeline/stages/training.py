@@ -1,4 +1,10 @@
-"""The model stage: train (or reuse) the task's classifier and write its bundle."""
+"""The model stage: train (or reuse) the task's classifier and write its bundle.
+
+Training checkpoints after every epoch under the task's work directory, keyed by the stage's
+input fingerprint: a materialisation that was killed continues from its last finished epoch
+the next time the same inputs and settings are materialised. The checkpoint is removed once
+the bundle is in place.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import pyarrow.parquet as pq
 
 from mtmc_pipeline import artifacts as af
 from mtmc_pipeline.artifacts import TaskArtifacts, stored_fingerprint
+from mtmc_pipeline.checkpoint import Checkpoint
 from mtmc_pipeline.config import TrainConfig
 from mtmc_pipeline.models import MODEL_FILE, save_bundle
 from mtmc_pipeline.plots import history_png
@@ -24,6 +31,9 @@ from mtmc_pipeline.stages.common import (
     upstream_fingerprint,
 )
 from mtmc_pipeline.train import train_model
+
+CHECKPOINT_FILE = "model-checkpoint.safetensors"
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr"]
 
 
 def run_training(
@@ -47,9 +57,23 @@ def run_training(
         manifest = af.read_parquet(art.splits)
         classes = class_names_from_schema(pq.read_schema(art.splits))
         weights = af.read_parquet(art.sampling_weights)
+        class_weight = None
+        if config.class_weights:
+            table = af.read_parquet(art.class_weights).sort_values("label")
+            class_weight = table["class_weight"].tolist()
         log(f"training {config.model} on {runtime.describe()} for task {art.task!r}")
+        checkpoint = Checkpoint(art.work_dir / CHECKPOINT_FILE, fp)
         result = train_model(
-            manifest, classes, weights, task_dir, art.work_dir / "cache", config, runtime, log
+            manifest,
+            classes,
+            weights,
+            task_dir,
+            art.work_dir / "cache",
+            config,
+            runtime,
+            log,
+            checkpoint,
+            class_weight,
         )
         info = {
             "arch": config.model,
@@ -68,11 +92,13 @@ def run_training(
             "precision": runtime.precision,
             "train_seconds": round(result.seconds, 2),
             "images_per_second": round(result.images_per_second, 1),
+            "resumed_at_epoch": result.resumed_at_epoch,
             "trained_at": pd.Timestamp.now(tz="UTC").isoformat(),
         }
         with af.atomic_dir(art.model_dir) as tmp:
             save_bundle(tmp, result.model, info)
             af.write_parquet(tmp / "history.parquet", result.history)
+        checkpoint.clear()
     info = af.read_json(model_json)
     history = af.read_parquet(art.model_dir / "history.parquet")
     md = {
@@ -87,7 +113,10 @@ def run_training(
         "train_images_per_s": info["images_per_second"],
         "train_seconds": info["train_seconds"],
         "curves": Png(history_png(history)),
+        "history": history[HISTORY_COLUMNS].assign(epoch=history["epoch"] + 1),
         "path": str(art.model_dir),
     }
+    if info.get("resumed_at_epoch") is not None:
+        md["resumed_at_epoch"] = info["resumed_at_epoch"] + 1
     record_elapsed(md, start)
     return StageResult(fp, reused, md)

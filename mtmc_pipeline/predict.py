@@ -1,15 +1,15 @@
 """Inference with calibrated confidences, from a task's model bundle and calibrator.
 
 Loads only safetensors and JSON (nothing is unpickled). Files that cannot be read become rows
-with an ``error``. Images are decoded by a few threads (Pillow releases the GIL while it
-decodes) while the model runs batch by batch.
+with an ``error``. A few threads decode the next batch (Pillow releases the GIL while it
+decodes) while the model runs on the current one.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
 
@@ -54,6 +54,12 @@ def expand_inputs(inputs: Iterable[str | Path]) -> Iterator[Path]:
                         yield Path(root) / name
         else:
             yield path
+
+
+def _batches(paths: Iterable[Path], size: int) -> Iterator[tuple[Path, ...]]:
+    it = iter(paths)
+    while chunk := tuple(islice(it, size)):
+        yield chunk
 
 
 def _decode(path: Path, pre: Preprocess) -> np.ndarray | str:
@@ -107,24 +113,41 @@ class Predictor:
     def predict(
         self, paths: Iterable[Path], min_precision: float = 0.9, batch_size: int = 64
     ) -> pd.DataFrame:
-        """One row per path, in order (columns: ``COLUMNS``)."""
+        """One row per path, in order (columns: ``COLUMNS``).
+
+        The next batch is decoded by the thread pool while the model runs on this one.
+        """
         self.check_min_precision(min_precision)
         rows: list[dict[str, object]] = []
-        paths = iter(paths)
+        chunks = _batches(paths, batch_size)
         with ThreadPoolExecutor(self.decode_threads) as pool:
-            while chunk := list(islice(paths, batch_size)):
-                decoded = list(pool.map(lambda p: _decode(p, self.pre), chunk))
-                good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
-                chunk_rows = [
-                    {"path": str(p), "error": d if isinstance(d, str) else None}
-                    for p, d in zip(chunk, decoded, strict=True)
-                ]
-                if good:
-                    logits = self.logits(np.stack([decoded[i] for i in good]))
-                    for i, values in zip(good, self._describe(logits, min_precision), strict=True):
-                        chunk_rows[i].update(values)
-                rows += chunk_rows
+
+            def submit(chunk: tuple[Path, ...] | None) -> list[Future[np.ndarray | str]]:
+                return [pool.submit(_decode, p, self.pre) for p in chunk or ()]
+
+            chunk = next(chunks, None)
+            pending = submit(chunk)
+            while chunk:
+                decoded = [f.result() for f in pending]
+                following = next(chunks, None)
+                pending = submit(following)
+                rows += self._rows(chunk, decoded, min_precision)
+                chunk = following
         return pd.DataFrame(rows, columns=list(COLUMNS))
+
+    def _rows(
+        self, chunk: tuple[Path, ...], decoded: list[np.ndarray | str], min_precision: float
+    ) -> list[dict[str, object]]:
+        rows: list[dict[str, object]] = [
+            {"path": str(p), "error": d if isinstance(d, str) else None}
+            for p, d in zip(chunk, decoded, strict=True)
+        ]
+        good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+        if good:
+            logits = self.logits(np.stack([decoded[i] for i in good]))
+            for i, values in zip(good, self._describe(logits, min_precision), strict=True):
+                rows[i].update(values)
+        return rows
 
     def _describe(self, logits: np.ndarray, min_precision: float) -> list[dict[str, object]]:
         probs = softmax(logits)

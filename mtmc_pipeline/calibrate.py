@@ -11,6 +11,7 @@ Levels that no threshold reaches are marked unreachable (threshold NaN), never i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
@@ -21,7 +22,7 @@ from scipy.optimize import minimize_scalar
 from scipy.stats import beta
 
 from mtmc_pipeline.config import CalibrationConfig
-from mtmc_pipeline.metrics import cross_entropy, softmax
+from mtmc_pipeline.metrics import cross_entropy, ranked_counts, softmax
 from mtmc_pipeline.plots import reliability_png
 
 TABLE_COLUMNS = [
@@ -39,14 +40,18 @@ SCORE_KINDS = ("logit", "softmax")
 _EPS = 1e-12
 
 
-def check_finite(logits: np.ndarray, where: str) -> None:
-    """Refuse NaN or infinite logits (a diverged model): no threshold can be read from them."""
+def check_finite(logits: np.ndarray, where: str, names: Sequence[str] | None = None) -> None:
+    """Refuse NaN or infinite logits (a diverged model): no threshold can be read from them.
+
+    ``names`` (one per row, e.g. relpaths) lets the message name the first such image.
+    """
     bad = ~np.isfinite(logits).all(axis=1)
     if bad.any():
+        first = int(np.argmax(bad))
+        which = f"`{names[first]}`" if names is not None else f"row {first}"
         raise ValueError(
-            f"{where}: {int(bad.sum())} of {len(logits)} images have non-finite logits (first "
-            f"at row {int(np.argmax(bad))}); the model diverged: retrain it with a lower "
-            "train.lr or in fp32"
+            f"{where}: {int(bad.sum())} of {len(logits)} images have non-finite logits (first: "
+            f"{which}); the model diverged: retrain it with a lower train.lr or in fp32"
         )
 
 
@@ -75,12 +80,7 @@ def precision_thresholds(
     Columns: level, threshold (NaN when unreachable), reachable, support (samples scored
     >= t), recall, precision and its 95% lower bound at t.
     """
-    order = np.argsort(-scores, kind="stable")
-    s, pos = scores[order], positive[order].astype(np.int64)
-    last_of_value = np.r_[s[1:] != s[:-1], True] if len(s) else np.zeros(0, dtype=bool)
-    tp = np.cumsum(pos)[last_of_value]
-    n = (np.arange(len(s)) + 1)[last_of_value]
-    thresholds = s[last_of_value]
+    thresholds, tp, n = ranked_counts(scores, positive)
     precision = tp / n
     # precision guaranteed at t and at every higher threshold: running minimum from the top,
     # hence non-increasing as t falls, and each level's lowest threshold is a search away
@@ -91,7 +91,7 @@ def precision_thresholds(
     i = np.searchsorted(-guaranteed, -(lv - _EPS), side="right") - 1
     reachable = i >= int(np.argmax(counted)) if counted.any() else np.zeros(len(lv), dtype=bool)
     j = np.where(reachable, i, 0)
-    n_pos = int(pos.sum())
+    n_pos = int(positive.sum())
 
     def at(values: np.ndarray, empty: float) -> np.ndarray:
         picked = values[j].astype(np.float64) if len(values) else np.zeros(len(lv))
@@ -393,8 +393,36 @@ def calibrate(
         summary[CHECK_SPLIT] = _errors(test_logits, test_labels, temperature)
     png = _reliability(logits, labels, temperature)
     calibrator = Calibrator.from_table(table, class_names, temperature, model_fingerprint)
-    report = report_markdown(table, summary, realised, config.tolerance)
+    relpaths = preds.loc[preds["split"] == FIT_SPLIT, "relpath"].tolist()
+    notes = no_level_notes(table, logits, labels, relpaths, class_names)
+    report = report_markdown(table, summary, realised, config.tolerance, notes)
     return Calibration(table, summary, calibrator, realised, png, report)
+
+
+def no_level_notes(
+    table: pd.DataFrame,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    relpaths: list[str],
+    class_names: list[str],
+) -> list[str]:
+    """Why each class without any reachable logit level has none: usually its highest-scoring
+    val image belongs to another class (a look at that image may find a wrong label)."""
+    logit = table[table["score_kind"] == "logit"]
+    reached = logit.groupby("class_name")["reachable"].any()
+    notes = []
+    for c, name in enumerate(class_names):
+        if reached[name]:
+            continue
+        top = int(np.argmax(logits[:, c]))
+        if not (labels == c).any():
+            why = "no val image has this class"
+        elif labels[top] != c:
+            why = f"its highest-scoring val image, `{relpaths[top]}`, is {class_names[labels[top]]}"
+        else:
+            why = "no threshold keeps calibration.min_support val images at the lowest level"
+        notes.append(f"- {name}: {why}")
+    return notes
 
 
 def _reliability(logits: np.ndarray, labels: np.ndarray, temperature: float) -> bytes:
@@ -415,6 +443,7 @@ def report_markdown(
     summary: dict[str, Any],
     realised: pd.DataFrame | None,
     tolerance: float,
+    notes: list[str],
 ) -> str:
     """Temperature and errors, the logit thresholds of a few levels, realised precision."""
     lines = [f"## Calibration on `{summary['split']}` ({summary['n']} images)", ""]
@@ -434,7 +463,8 @@ def report_markdown(
     lines += ["", "### Logit thresholds", ""]
     lines += [
         "Threshold (recall, support) of each level: a logit at or above it is right that often "
-        "on val. `—`: unreachable. The last column is the highest level reached.",
+        "on val. `—`: unreachable. Last column: the highest level reached, with the images "
+        "kept and the 95% lower bound of their precision.",
         "",
         "| class | " + " | ".join(f"p ≥ {lv:g}" for lv in shown) + " | highest |",
         "|---|" + "---|" * (len(shown) + 1),
@@ -446,8 +476,13 @@ def report_markdown(
             r = part.loc[lv]
             cells.append(f"{r.threshold:.2f} ({r.recall:.2f}, {r.support})" if r.reachable else "—")
         reached = part[part["reachable"]]
-        top = f"{reached.index.max():g}" if len(reached) else "none"
+        top = "none"
+        if len(reached):
+            r = reached.iloc[-1]
+            top = f"{reached.index[-1]:g} ({r.support} images, ≥ {r.precision_lower:.2f})"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {top} |")
+    if notes:
+        lines += ["", "Classes that reach no level:", "", *notes]
 
     if realised is not None:
         checked = realised[(realised["score_kind"] == "logit") & (realised["n"] > 0)]

@@ -150,7 +150,7 @@ def evaluate_model(
             continue
         ds = CachedImageDataset(cache, part["content_hash"], part["label"])
         logits = predict_logits(model, ds, normalize, runtime, batch_size=256)
-        check_finite(logits, f"{split} split")
+        check_finite(logits, f"{split} split", part["relpath"].tolist())
         labels = part["label"].to_numpy()
         by_split[split] = split_metrics(labels, logits, len(names), config, kind)
         cms[split] = cm = confusion(labels, logits.argmax(1), len(names))

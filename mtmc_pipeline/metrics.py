@@ -98,22 +98,31 @@ def one_vs_rest(scores: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -
     }
 
 
+def ranked_counts(
+    scores: np.ndarray, positive: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each distinct score t from high to low, with the positives and the samples scored >= t.
+
+    Samples with equal scores share one threshold: a threshold cannot split a tie.
+    """
+    order = np.argsort(-scores, kind="stable")
+    s, pos = scores[order], positive[order].astype(np.int64)
+    last_of_value = np.r_[s[1:] != s[:-1], True] if len(s) else np.zeros(0, dtype=bool)
+    return s[last_of_value], np.cumsum(pos)[last_of_value], (np.arange(len(s)) + 1)[last_of_value]
+
+
 def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
     """Area under the step precision-recall curve: sum over thresholds of (R_n - R_n-1) P_n.
 
-    Samples with equal scores share one threshold, so the result does not depend on how ties
-    are ordered (mmpretrain ranks tied samples in sort order; both agree without ties, and
-    scikit-learn's ``average_precision_score`` agrees in every case). A class with no positive
-    sample has AP 0, as in both references.
+    Tied samples share one threshold, so the result does not depend on how ties are ordered
+    (mmpretrain ranks tied samples in sort order; both agree without ties, and scikit-learn's
+    ``average_precision_score`` agrees in every case). A class with no positive sample has
+    AP 0, as in both references.
     """
     n_pos = int(positive.sum())
     if n_pos == 0:
         return 0.0
-    order = np.argsort(-scores, kind="stable")
-    s, pos = scores[order], positive[order].astype(np.int64)
-    last_of_value = np.r_[s[1:] != s[:-1], True]
-    tp = np.cumsum(pos)[last_of_value]
-    n = (np.arange(len(s)) + 1)[last_of_value]
+    _, tp, n = ranked_counts(scores, positive)
     recall_gain = np.diff(np.r_[0, tp]) / n_pos
     return float((recall_gain * tp / n).sum())
 

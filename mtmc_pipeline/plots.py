@@ -8,6 +8,7 @@ transliteration (``条纹`` -> ``TiaoWen``): a plot never shows empty boxes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Sequence
 from functools import cache
@@ -43,27 +44,47 @@ def _family_file(family: str) -> str | None:
         return None
 
 
+@cache
+def _register_new_system_fonts() -> None:
+    """Add the fonts installed since matplotlib built its font cache (it never rescans), so
+    a CJK font installed after matplotlib is used without deleting that cache."""
+    known = {entry.fname for entry in font_manager.fontManager.ttflist}
+    for path in font_manager.findSystemFonts():
+        if path not in known:
+            with contextlib.suppress(OSError, RuntimeError, ValueError):
+                font_manager.fontManager.addfont(path)
+
+
+def _families_covering(missing: set[int]) -> list[str] | None:
+    """Installed families that together have every character of ``missing`` (greedy)."""
+    families = []
+    for family in sorted({entry.name for entry in font_manager.fontManager.ttflist}):
+        path = _family_file(family)
+        covered = _font_charset(path) & missing if path else frozenset()
+        if covered:
+            families.append(family)
+            missing = missing - covered
+            if not missing:
+                return families
+    return None
+
+
 def font_for(texts: Sequence[str]) -> FontProperties | None:
     """Font properties that draw every character of ``texts``, or None when no font can.
 
-    The default family comes first; installed families are added (greedily) for the characters
-    it lacks. The result is not cached because fonts can be installed while a process runs.
+    The default family comes first, then installed families for the characters it lacks
+    (matplotlib falls back glyph by glyph along the list).
     """
     default = FontProperties()
     missing = {ord(ch) for text in texts for ch in text if not ch.isspace()}
     missing -= _font_charset(font_manager.findfont(default))
     if not missing:
         return default
-    families = list(default.get_family())
-    for family in sorted({entry.name for entry in font_manager.fontManager.ttflist}):
-        path = _family_file(family)
-        covered = _font_charset(path) & missing if path else frozenset()
-        if covered:
-            families.append(family)
-            missing -= covered
-            if not missing:
-                return FontProperties(family=families)
-    return None
+    extra = _families_covering(missing)
+    if extra is None:
+        _register_new_system_fonts()
+        extra = _families_covering(missing)
+    return None if extra is None else FontProperties(family=[*default.get_family(), *extra])
 
 
 def _shorten(name: str) -> str:

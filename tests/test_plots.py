@@ -86,6 +86,7 @@ def only_dejavu(monkeypatch: pytest.MonkeyPatch) -> None:
     """A machine with no CJK font: only the fonts matplotlib ships."""
     fm = font_manager.fontManager
     monkeypatch.setattr(fm, "ttflist", [e for e in fm.ttflist if e.name.startswith("DejaVu")])
+    monkeypatch.setattr(font_manager, "findSystemFonts", lambda *a, **k: [])
 
 
 @pytest.fixture

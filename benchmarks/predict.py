@@ -1,5 +1,6 @@
 """Batch inference throughput of ``mtmc predict``: images/s end to end (decode, resize, model,
-calibration), by batch size and by number of decode threads, plus the model alone.
+calibration) by batch size, and its two parts alone: decoding by number of threads, the model
+by batch size.
 
 Uses a task's real bundle and calibrator (``--artifacts A --task T``), or by default builds a
 throwaway bundle of ``--model`` with random weights: speed does not depend on the weights.
@@ -14,6 +15,7 @@ import io
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from PIL import Image
 from mtmc_pipeline.artifacts import write_json
 from mtmc_pipeline.calibrate import Calibrator, threshold_table
 from mtmc_pipeline.config import default_levels
+from mtmc_pipeline.data import fit_square, load_rgb
 from mtmc_pipeline.models import Preprocess, create_model, save_bundle
 from mtmc_pipeline.predict import Predictor
 from mtmc_pipeline.runtime import resolve_runtime
@@ -69,17 +72,22 @@ def build_task(folder: Path, arch: str, img_size: int, classes: int) -> Path:
     return folder
 
 
-def best_seconds(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """The fastest of ``rounds`` timings of each run, taken in turn (A B C A B C ...) after
-    one warm-up each, so drift in the machine's speed hits every run alike."""
+def best_times(
+    runs: dict[str, Callable[[], object]], rounds: int
+) -> dict[str, tuple[float, float]]:
+    """(wall, CPU) seconds of the fastest of ``rounds`` runs of each, taken in turn (A B C A B C
+    ...) after one warm-up each, so drift in the machine's speed hits every run alike. CPU
+    time (this process, all threads) is shown too: other processes on a shared machine stretch
+    the wall time far more than they stretch it."""
     for fn in runs.values():
         fn()
-    best = dict.fromkeys(runs, float("inf"))
+    best = dict.fromkeys(runs, (float("inf"), float("inf")))
     for _ in range(rounds):
         for name, fn in runs.items():
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             fn()
-            best[name] = min(best[name], time.perf_counter() - start)
+            took = (time.perf_counter() - wall, time.process_time() - cpu)
+            best[name] = min(best[name], took)
     return best
 
 
@@ -93,7 +101,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256, help="images per measurement")
     parser.add_argument("--side", type=int, default=512, help="side of the generated JPEGs")
     parser.add_argument("--batch-sizes", default="1,8,32,64")
-    parser.add_argument("--threads", default="1,4", help="decode threads to compare")
+    parser.add_argument("--threads", default="1,2,4", help="decode threads to compare")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the best is kept")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
@@ -113,25 +121,48 @@ def main() -> None:
             f"model {predictor.model.__class__.__name__} at {pre.img_size} px, "
             f"{len(predictor.class_names)} classes, {args.images} JPEGs of {args.side} px"
         )
-        runs: dict[str, Callable[[], object]] = {}
+        batches = [int(b) for b in args.batch_sizes.split(",")]
+        largest = max(batches)
+        x = np.stack([fit_square(load_rgb(p), pre.img_size, pre.interpolation) for p in paths])
+        x = np.concatenate([x] * (largest // len(x) + 1))[:largest]
+        runs: dict[str, tuple[int, Callable[[], object]]] = {}
         for threads in map(int, args.threads.split(",")):
-            for batch in map(int, args.batch_sizes.split(",")):
-                runs[f"{batch} | {threads}"] = partial(predict, predictor, paths, batch, threads)
-        batch = max(map(int, args.batch_sizes.split(",")))
-        x = np.random.default_rng(2).integers(0, 255, (batch, pre.img_size, pre.img_size, 3))
-        runs[f"{batch} | model alone"] = partial(predictor.logits, x.astype(np.uint8))
-        seconds = best_seconds(runs, args.repeats)
+            runs[f"decode only | - | {threads}"] = (
+                len(paths),
+                partial(decode, paths, pre, threads),
+            )
+        for batch in batches:
+            runs[f"model only | {batch} | -"] = (batch, partial(predictor.logits, x[:batch]))
+        runs[f"model only, subnormals kept | {largest} | -"] = (
+            largest,
+            partial(keeping_subnormals, predictor.logits, x),
+        )
+        for batch in batches:
+            runs[f"mtmc predict | {batch} | {predictor.decode_threads}"] = (
+                len(paths),
+                partial(predictor.predict, paths, 0.9, batch),
+            )
+        times = best_times({name: fn for name, (_, fn) in runs.items()}, args.repeats)
 
-    base = seconds[next(iter(seconds))]
-    print("\n| batch | decode threads | images/s | vs. first row |\n|---|---|---|---|")
-    for name, s in seconds.items():
-        n = batch if "model alone" in name else args.images
-        print(f"| {name} | {n / s:.1f} | {(n / s) / (args.images / base):.2f}x |")
+    print("\n| what | batch | decode threads | images/s | images per CPU-second |")
+    print("|---|---|---|---|---|")
+    for name, (n, _) in runs.items():
+        wall, cpu = times[name]
+        print(f"| {name} | {n / wall:.1f} | {n / cpu:.1f} |")
 
 
-def predict(predictor: Predictor, paths: list[Path], batch: int, threads: int) -> None:
-    predictor.decode_threads = threads
-    predictor.predict(paths, 0.9, batch)
+def keeping_subnormals(fn: Callable[[np.ndarray], object], x: np.ndarray) -> None:
+    """``fn(x)`` with subnormal floats computed exactly (the CPU default), then flushed again."""
+    torch.set_flush_denormal(False)
+    try:
+        fn(x)
+    finally:
+        torch.set_flush_denormal(True)
+
+
+def decode(paths: list[Path], pre: Preprocess, threads: int) -> None:
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda p: fit_square(load_rgb(p), pre.img_size, pre.interpolation), paths))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from mtmc_pipeline.calibrate import Calibrator
 from mtmc_pipeline.cli import main
@@ -146,6 +148,19 @@ def test_predict_refuses_a_calibrator_of_another_model(
     assert _predict(copy, tmp_path / "p.csv", image) == 2
     err = capsys.readouterr().err
     assert "was fitted for another model" in err and "calibrator.json" in err
+
+
+def test_predict_loads_without_unpickling(
+    materialized: Materialized, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("something was unpickled")
+
+    for module, name in ((pickle, "load"), (pickle, "loads"), (torch, "load")):
+        monkeypatch.setattr(module, name, refuse)
+    image = next((materialized.data_root / "pattern" / "val").rglob("*.png"))
+    assert _predict(materialized.artifacts, tmp_path / "p.parquet", image) == 0
+    assert pd.read_parquet(tmp_path / "p.parquet")["error"].isna().all()
 
 
 def test_predict_names_a_missing_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

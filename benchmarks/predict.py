@@ -133,10 +133,6 @@ def main() -> None:
             )
         for batch in batches:
             runs[f"model only | {batch} | -"] = (batch, partial(predictor.logits, x[:batch]))
-        runs[f"model only, subnormals kept | {largest} | -"] = (
-            largest,
-            partial(keeping_subnormals, predictor.logits, x),
-        )
         for batch in batches:
             runs[f"mtmc predict | {batch} | {predictor.decode_threads}"] = (
                 len(paths),
@@ -149,15 +145,6 @@ def main() -> None:
     for name, (n, _) in runs.items():
         wall, cpu = times[name]
         print(f"| {name} | {n / wall:.1f} | {n / cpu:.1f} |")
-
-
-def keeping_subnormals(fn: Callable[[np.ndarray], object], x: np.ndarray) -> None:
-    """``fn(x)`` with subnormal floats computed exactly (the CPU default), then flushed again."""
-    torch.set_flush_denormal(False)
-    try:
-        fn(x)
-    finally:
-        torch.set_flush_denormal(True)
 
 
 def decode(paths: list[Path], pre: Preprocess, threads: int) -> None:

@@ -94,8 +94,6 @@ class Predictor:
                 " (retrained since?): materialize the task's evaluation and calibration again"
             )
         self.normalize = Normalize(self.pre, self.runtime.device, self.runtime.channels_last)
-        if self.runtime.device.type == "cpu":
-            torch.set_flush_denormal(True)  # subnormal floats slow CPU kernels up to 10x
 
     @torch.no_grad()
     def logits(self, batch: np.ndarray) -> np.ndarray:

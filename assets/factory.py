@@ -89,7 +89,12 @@ CHECKS: dict[str, list[tuple[str, bool, str]]] = {
     ],
     "calibration": [
         ("thresholds_monotone", False, "Thresholds never decrease as precision rises."),
-        ("realised_precision_on_test", False, "Test precision holds at each level (test split)."),
+        (
+            "realised_precision_on_test",
+            False,
+            "With a test split: precision at each threshold is at least its level minus "
+            "calibration.tolerance.",
+        ),
     ],
 }
 

@@ -11,65 +11,172 @@ Levels that no threshold reaches are marked unreachable (threshold NaN), never i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy.optimize import minimize_scalar
+from scipy.stats import beta
 
-from mtmc_pipeline.metrics import cross_entropy, softmax
+from mtmc_pipeline.config import CalibrationConfig
+from mtmc_pipeline.metrics import cross_entropy, ranked_counts, softmax
+from mtmc_pipeline.plots import reliability_png
 
-TABLE_COLUMNS = ["class_name", "score_kind", "level", "threshold", "reachable", "support", "recall"]
+TABLE_COLUMNS = [
+    "class_name",
+    "score_kind",
+    "level",
+    "threshold",
+    "reachable",
+    "support",
+    "recall",
+    "precision",
+    "precision_lower",
+]
+SCORE_KINDS = ("logit", "softmax")
+_EPS = 1e-12
+
+
+def check_finite(logits: np.ndarray, where: str, names: Sequence[str] | None = None) -> None:
+    """Refuse NaN or infinite logits (a diverged model): no threshold can be read from them.
+
+    ``names`` (one per row, e.g. relpaths) lets the message name the first such image.
+    """
+    bad = ~np.isfinite(logits).all(axis=1)
+    if bad.any():
+        first = int(np.argmax(bad))
+        which = f"`{names[first]}`" if names is not None else f"row {first}"
+        raise ValueError(
+            f"{where}: {int(bad.sum())} of {len(logits)} images have non-finite logits (first: "
+            f"{which}); the model diverged: retrain it with a lower train.lr or in fp32"
+        )
+
+
+def precision_lower_bound(hits: np.ndarray, n: np.ndarray, confidence: float = 0.95) -> np.ndarray:
+    """One-sided Clopper-Pearson lower bound of a precision of ``hits`` out of ``n``.
+
+    Shown beside each threshold: a level reached by 3 images of 3 is a far weaker promise than
+    one reached by 300 of 306, and the bound says so.
+    """
+    hits, n = np.asarray(hits, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    out = np.zeros_like(hits)
+    ok = hits > 0
+    out[ok] = beta.ppf(1 - confidence, hits[ok], n[ok] - hits[ok] + 1)
+    return out
 
 
 def precision_thresholds(
-    scores: np.ndarray, positive: np.ndarray, levels: list[float]
+    scores: np.ndarray, positive: np.ndarray, levels: list[float], min_support: int = 1
 ) -> pd.DataFrame:
-    """For one class: threshold, support (n scored >= t) and recall at t, per level.
+    """For one class: the threshold of each precision level, and what it keeps on this data.
 
     ``scores`` are that class's scores over the calibration set, ``positive`` marks the
-    samples whose true class it is.
+    samples whose true class it is. Candidate thresholds are the distinct scores (tied samples
+    are kept or dropped together) that keep at least ``min_support`` samples: with the default
+    of 1, one negative scored above every positive makes the class unreachable at any level.
+    Columns: level, threshold (NaN when unreachable), reachable, support (samples scored
+    >= t), recall, precision and its 95% lower bound at t.
     """
-    order = np.argsort(-scores, kind="stable")
-    s, pos = scores[order], positive[order].astype(np.int64)
-    # candidate thresholds: each distinct score, taking every sample scored >= it
-    last_of_value = np.r_[s[1:] != s[:-1], True]
-    tp = np.cumsum(pos)[last_of_value]
-    n = (np.arange(len(s)) + 1)[last_of_value]
-    thresholds = s[last_of_value]
+    thresholds, tp, n = ranked_counts(scores, positive)
     precision = tp / n
-    # precision guaranteed at t and every higher threshold: running minimum from the top
-    guaranteed = np.minimum.accumulate(precision) if len(precision) else precision
-    total_pos = max(int(pos.sum()), 1)
-    rows = []
-    for level in levels:
-        ok = np.nonzero(guaranteed >= level - 1e-12)[0]
-        if len(ok) == 0:
-            rows.append((level, np.nan, False, 0, 0.0))
-            continue
-        i = ok[-1]  # the lowest threshold that still guarantees the level
-        rows.append((level, float(thresholds[i]), True, int(n[i]), float(tp[i] / total_pos)))
-    return pd.DataFrame(rows, columns=["level", "threshold", "reachable", "support", "recall"])
+    # precision guaranteed at t and at every higher threshold: running minimum from the top,
+    # hence non-increasing as t falls, and each level's lowest threshold is a search away
+    # (thresholds keeping fewer than min_support samples neither count nor constrain)
+    counted = n >= min_support
+    guaranteed = np.minimum.accumulate(np.where(counted, precision, np.inf))
+    lv = np.asarray(levels, dtype=np.float64)
+    i = np.searchsorted(-guaranteed, -(lv - _EPS), side="right") - 1
+    reachable = i >= int(np.argmax(counted)) if counted.any() else np.zeros(len(lv), dtype=bool)
+    j = np.where(reachable, i, 0)
+    n_pos = int(positive.sum())
+
+    def at(values: np.ndarray, empty: float) -> np.ndarray:
+        picked = values[j].astype(np.float64) if len(values) else np.zeros(len(lv))
+        return np.where(reachable, picked, empty)
+
+    support = at(n, 0).astype(np.int64)
+    hits = at(tp, 0)
+    return pd.DataFrame(
+        {
+            "level": lv,
+            "threshold": at(thresholds, np.nan),
+            "reachable": reachable,
+            "support": support,
+            "recall": hits / n_pos if n_pos else np.zeros(len(lv)),
+            "precision": np.divide(hits, support, out=np.full(len(lv), np.nan), where=support > 0),
+            "precision_lower": precision_lower_bound(hits, support),
+        }
+    )
+
+
+def class_scores(logits: np.ndarray, kind: str) -> np.ndarray:
+    """The per-class scores a threshold applies to: raw logits or softmax probabilities."""
+    if kind == "logit":
+        return logits
+    if kind == "softmax":
+        return softmax(logits)
+    raise ValueError(f"unknown score kind {kind!r}: use one of {', '.join(SCORE_KINDS)}")
 
 
 def threshold_table(
-    logits: np.ndarray, labels: np.ndarray, class_names: list[str], levels: list[float]
+    logits: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    levels: list[float],
+    min_support: int = 1,
 ) -> pd.DataFrame:
     """The calibration table for raw logits and for softmax probabilities."""
-    probs = softmax(logits)
+    check_finite(logits, "calibration split")
     parts = []
-    for kind, scores in (("logit", logits), ("softmax", probs)):
+    for kind in SCORE_KINDS:
+        scores = class_scores(logits, kind)
         for c, name in enumerate(class_names):
-            t = precision_thresholds(scores[:, c], labels == c, levels)
+            t = precision_thresholds(scores[:, c], labels == c, levels, min_support)
             t.insert(0, "score_kind", kind)
             t.insert(0, "class_name", name)
             parts.append(t)
     return pd.concat(parts, ignore_index=True)[TABLE_COLUMNS]
 
 
+def realised_precision(
+    table: pd.DataFrame,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    tolerance: float,
+) -> pd.DataFrame:
+    """Precision each reachable threshold actually reaches on other held-out data (test).
+
+    ``n`` counts the images scored >= t (precision is NaN when there are none); ``flagged``
+    marks rows whose precision falls more than ``tolerance`` below their level.
+    """
+    check_finite(logits, "test split")
+    rows = []
+    for kind in SCORE_KINDS:
+        scores = class_scores(logits, kind)
+        part = table[(table["score_kind"] == kind) & table["reachable"]]
+        for r in part.itertuples():
+            c = class_names.index(r.class_name)
+            hit = scores[:, c] >= r.threshold
+            n = int(hit.sum())
+            precision = float((labels[hit] == c).mean()) if n else float("nan")
+            rows.append((r.class_name, kind, r.level, r.threshold, n, precision))
+    out = pd.DataFrame(
+        rows, columns=["class_name", "score_kind", "level", "threshold", "n", "precision"]
+    )
+    out["flagged"] = (out["n"] > 0) & (out["precision"] < out["level"] - tolerance - _EPS)
+    return out
+
+
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature T > 0 minimising the NLL of softmax(logits / T)."""
+    """The temperature T > 0 minimising the NLL of softmax(logits / T), within [0.05, 20].
+
+    The NLL is convex in 1/T, so it has one minimum along log T and a bounded scalar search
+    finds it. A temperature that does not lower the NLL is never returned: then T = 1.
+    """
     if len(labels) == 0:
         return 1.0
     result = minimize_scalar(
@@ -78,67 +185,99 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         method="bounded",
     )
     best = float(np.exp(result.x))
-    # never accept a temperature that is worse than leaving the logits alone
     return best if cross_entropy(logits, labels, best) <= cross_entropy(logits, labels) else 1.0
 
 
-def calibration_errors(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict[str, float]:
-    """ECE and MCE of top-1 confidence (equal-width bins), NLL and Brier score."""
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> pd.DataFrame:
+    """Per equal-width bin of top-1 confidence: mean confidence, accuracy and count."""
     conf = probs.max(1)
     correct = probs.argmax(1) == labels
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
-    ece, mce = 0.0, 0.0
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            gap = abs(correct[mask].mean() - conf[mask].mean())
-            ece += mask.mean() * gap
-            mce = max(mce, gap)
+    count = np.bincount(which, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        confidence = np.bincount(which, conf, minlength=bins) / count
+        accuracy = np.bincount(which, correct, minlength=bins) / count
+    return pd.DataFrame(
+        {
+            "lower": edges[:-1],
+            "upper": edges[1:],
+            "confidence": confidence,
+            "accuracy": accuracy,
+            "count": count,
+        }
+    )
+
+
+def calibration_errors(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict[str, float]:
+    """ECE and MCE of top-1 confidence (equal-width bins), NLL and Brier score."""
+    table = reliability_bins(probs, labels, bins)
+    used = table[table["count"] > 0]
+    gap = (used["accuracy"] - used["confidence"]).abs()
     onehot = np.eye(probs.shape[1])[labels]
+    n = max(len(labels), 1)
     return {
-        "ece": float(ece),
-        "mce": float(mce),
+        "ece": float((gap * used["count"]).sum() / n),
+        "mce": float(gap.max()) if len(gap) else 0.0,
         "nll": float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1)).mean()),
         "brier": float(((probs - onehot) ** 2).sum(1).mean()),
     }
 
 
-def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> pd.DataFrame:
-    """Per confidence bin: mean confidence, accuracy and count (for the reliability diagram)."""
-    conf = probs.max(1)
-    correct = probs.argmax(1) == labels
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
-    rows = []
-    for b in range(bins):
-        mask = which == b
-        rows.append(
-            {
-                "lower": edges[b],
-                "upper": edges[b + 1],
-                "confidence": float(conf[mask].mean()) if mask.any() else np.nan,
-                "accuracy": float(correct[mask].mean()) if mask.any() else np.nan,
-                "count": int(mask.sum()),
-            }
-        )
-    return pd.DataFrame(rows)
+def level_curve(thresholds: list[float | None], levels: list[float]) -> tuple[np.ndarray, ...]:
+    """(strictly increasing thresholds, their levels) for one class, ready for ``np.interp``.
+
+    Unreachable levels are dropped. Where several levels share one threshold (one image can
+    lift precision past several levels at once) only the highest is kept: that score
+    guarantees all of them, and ``np.interp`` needs strictly increasing x.
+    """
+    t = np.array([np.nan if v is None else v for v in thresholds], dtype=np.float64)
+    ok = ~np.isnan(t)
+    th, lv = t[ok], np.asarray(levels, dtype=np.float64)[ok]
+    last_of_value = np.r_[th[1:] != th[:-1], True] if len(th) else np.zeros(0, dtype=bool)
+    return th[last_of_value], lv[last_of_value]
 
 
 @dataclass
 class Calibrator:
-    """Maps a logit vector to calibrated confidences; serialisable as plain JSON."""
+    """Maps a logit vector to calibrated confidences; stored as plain JSON (``calibrator.json``).
+
+    ``thresholds[kind][c][i]`` is the threshold of ``levels[i]`` for class ``c`` on scores of
+    ``kind`` (``logit`` or ``softmax``), None when unreachable. ``model_fingerprint`` ties it to
+    the model it was fitted for.
+    """
 
     class_names: list[str]
     temperature: float
     levels: list[float]
-    thresholds: dict[str, list[list[float | None]]]  # score_kind -> [class][level]
+    thresholds: dict[str, list[list[float | None]]]
+    model_fingerprint: str | None = None
+
+    def __post_init__(self) -> None:
+        k, n_levels = len(self.class_names), len(self.levels)
+        if list(self.levels) != sorted(self.levels):
+            raise ValueError("levels must be increasing")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        for kind, per_class in self.thresholds.items():
+            if kind not in SCORE_KINDS:
+                raise ValueError(f"unknown score kind {kind!r}")
+            if len(per_class) != k or any(len(row) != n_levels for row in per_class):
+                raise ValueError(f"{kind} thresholds must be {k} classes x {n_levels} levels")
+            for name, row in zip(self.class_names, per_class, strict=True):
+                t = [v for v in row if v is not None]
+                if any(b < a for a, b in pairwise(t)):
+                    raise ValueError(f"{kind} thresholds of {name!r} decrease as the level rises")
 
     @classmethod
     def from_table(
-        cls, table: pd.DataFrame, class_names: list[str], temperature: float
+        cls,
+        table: pd.DataFrame,
+        class_names: list[str],
+        temperature: float,
+        model_fingerprint: str | None = None,
     ) -> Calibrator:
-        levels = sorted(table["level"].unique().tolist())
+        levels = sorted(float(v) for v in table["level"].unique())
         thresholds: dict[str, list[list[float | None]]] = {}
         for kind, part in table.groupby("score_kind"):
             per_class = []
@@ -146,7 +285,7 @@ class Calibrator:
                 rows = part[part["class_name"] == name].set_index("level")["threshold"]
                 per_class.append([None if np.isnan(rows[lv]) else float(rows[lv]) for lv in levels])
             thresholds[str(kind)] = per_class
-        return cls(list(class_names), float(temperature), levels, thresholds)
+        return cls(list(class_names), float(temperature), levels, thresholds, model_fingerprint)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -154,32 +293,211 @@ class Calibrator:
             "temperature": self.temperature,
             "levels": self.levels,
             "thresholds": self.thresholds,
+            "model_fingerprint": self.model_fingerprint,
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Calibrator:
-        return cls(data["class_names"], data["temperature"], data["levels"], data["thresholds"])
+    def from_json(cls, data: dict[str, Any], source: str = "calibrator.json") -> Calibrator:
+        """Rebuild from :meth:`to_json` output; a malformed file is named in the error."""
+        try:
+            return cls(
+                list(data["class_names"]),
+                float(data["temperature"]),
+                [float(v) for v in data["levels"]],
+                data["thresholds"],
+                data.get("model_fingerprint"),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{source}: not a valid calibrator ({type(e).__name__}: {e})") from e
 
     def precision_confidence(self, logits: np.ndarray, score_kind: str = "logit") -> np.ndarray:
-        """Per sample and class, the precision level the score reaches (0 below the lowest).
+        """Per sample and class, the precision level the score reaches.
 
-        Between two reachable levels the confidence is interpolated linearly in the score.
+        0 below the lowest reachable threshold, the highest reachable level at or above its
+        threshold, and linear in the score between two thresholds: exactly level p at the
+        threshold of p.
         """
-        scores = logits if score_kind == "logit" else softmax(logits)
+        scores = class_scores(np.asarray(logits, dtype=np.float64), score_kind)
         out = np.zeros(scores.shape, dtype=np.float64)
-        levels = np.asarray(self.levels)
         for c, per_level in enumerate(self.thresholds[score_kind]):
-            t = np.array([np.nan if v is None else v for v in per_level])
-            ok = ~np.isnan(t)
-            if not ok.any():
+            th, lv = level_curve(per_level, self.levels)
+            if len(th) == 0:
                 continue
-            lv, th = levels[ok], t[ok]
             s = scores[:, c]
-            conf = np.interp(s, th, lv, left=0.0, right=lv[-1])
-            conf[s < th[0]] = 0.0
-            # equal thresholds for several levels: np.interp takes the last, which is right
-            out[:, c] = conf
+            out[:, c] = np.where(s < th[0], 0.0, np.interp(s, th, lv))
         return out
 
     def temperature_probs(self, logits: np.ndarray) -> np.ndarray:
-        return softmax(logits, self.temperature)
+        return softmax(np.asarray(logits, dtype=np.float64), self.temperature)
+
+
+REPORT_LEVELS = (0.5, 0.8, 0.9, 0.95)
+FIT_SPLIT = "val"
+CHECK_SPLIT = "test"
+RELIABILITY_PNG = "reliability.png"
+
+
+@dataclass
+class Calibration:
+    table: pd.DataFrame
+    temperature: dict[str, Any]  # temperature.json: T and the errors before/after, per split
+    calibrator: Calibrator
+    realised: pd.DataFrame | None  # on the test split, when there is one
+    reliability_png: bytes
+    report_md: str
+
+
+def _split_logits(preds: pd.DataFrame, split: str) -> tuple[np.ndarray, np.ndarray]:
+    part = preds[preds["split"] == split]
+    if part.empty:
+        return np.zeros((0, 0)), np.zeros(0, dtype=np.int64)
+    return np.stack(part["logits"].to_numpy()).astype(np.float64), part["label"].to_numpy()
+
+
+def _errors(logits: np.ndarray, labels: np.ndarray, temperature: float) -> dict[str, Any]:
+    before = calibration_errors(softmax(logits), labels)
+    after = calibration_errors(softmax(logits, temperature), labels)
+    return {
+        "n": len(labels),
+        **{f"{k}_before": v for k, v in before.items()},
+        **{f"{k}_after": v for k, v in after.items()},
+    }
+
+
+def calibrate(
+    preds: pd.DataFrame,
+    class_names: list[str],
+    config: CalibrationConfig,
+    model_fingerprint: str | None = None,
+) -> Calibration:
+    """Fit thresholds and temperature on val; measure both on test when there is one.
+
+    ``preds`` is the evaluation's ``predictions.parquet`` (split, label, logits).
+    """
+    logits, labels = _split_logits(preds, FIT_SPLIT)
+    if len(labels) == 0:
+        raise ValueError("predictions.parquet has no val images: calibration is fitted on val")
+    table = threshold_table(logits, labels, class_names, config.levels, config.min_support)
+    temperature = fit_temperature(logits, labels)
+    summary: dict[str, Any] = {
+        "temperature": temperature,
+        "split": FIT_SPLIT,
+        **_errors(logits, labels, temperature),
+    }
+    realised = None
+    test_logits, test_labels = _split_logits(preds, CHECK_SPLIT)
+    if len(test_labels):
+        realised = realised_precision(
+            table, test_logits, test_labels, class_names, config.tolerance
+        )
+        summary[CHECK_SPLIT] = _errors(test_logits, test_labels, temperature)
+    png = _reliability(logits, labels, temperature)
+    calibrator = Calibrator.from_table(table, class_names, temperature, model_fingerprint)
+    relpaths = preds.loc[preds["split"] == FIT_SPLIT, "relpath"].tolist()
+    notes = no_level_notes(table, logits, labels, relpaths, class_names)
+    report = report_markdown(table, summary, realised, config.tolerance, notes)
+    return Calibration(table, summary, calibrator, realised, png, report)
+
+
+def no_level_notes(
+    table: pd.DataFrame,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    relpaths: list[str],
+    class_names: list[str],
+) -> list[str]:
+    """Why each class without any reachable logit level has none: usually its highest-scoring
+    val image belongs to another class (a look at that image may find a wrong label)."""
+    logit = table[table["score_kind"] == "logit"]
+    reached = logit.groupby("class_name")["reachable"].any()
+    notes = []
+    for c, name in enumerate(class_names):
+        if reached[name]:
+            continue
+        top = int(np.argmax(logits[:, c]))
+        if not (labels == c).any():
+            why = "no val image has this class"
+        elif labels[top] != c:
+            why = f"its highest-scoring val image, `{relpaths[top]}`, is {class_names[labels[top]]}"
+        else:
+            why = "no threshold keeps calibration.min_support val images at the lowest level"
+        notes.append(f"- {name}: {why}")
+    return notes
+
+
+def _reliability(logits: np.ndarray, labels: np.ndarray, temperature: float) -> bytes:
+    return reliability_png(
+        reliability_bins(softmax(logits), labels),
+        reliability_bins(softmax(logits, temperature), labels),
+        temperature,
+    )
+
+
+def _shown_levels(levels: np.ndarray) -> list[float]:
+    shown = [lv for lv in levels if np.isclose(lv, REPORT_LEVELS).any()]
+    return shown or list(levels[-3:])
+
+
+def report_markdown(
+    table: pd.DataFrame,
+    summary: dict[str, Any],
+    realised: pd.DataFrame | None,
+    tolerance: float,
+    notes: list[str],
+) -> str:
+    """Temperature and errors, the logit thresholds of a few levels, realised precision."""
+    lines = [f"## Calibration on `{summary['split']}` ({summary['n']} images)", ""]
+    lines += [f"Temperature {summary['temperature']:.3f} (fitted by NLL on val).", ""]
+    splits = [s for s in (FIT_SPLIT, CHECK_SPLIT) if s == FIT_SPLIT or s in summary]
+    lines += ["| metric | " + " | ".join(f"{s} before | {s} after" for s in splits) + " |"]
+    lines += ["|---|" + "---|---|" * len(splits)]
+    for metric in ("ece", "mce", "nll", "brier"):
+        cells = []
+        for s in splits:
+            errors = summary if s == FIT_SPLIT else summary[s]
+            cells += [f"{errors[f'{metric}_before']:.4f}", f"{errors[f'{metric}_after']:.4f}"]
+        lines.append(f"| {metric.upper()} | " + " | ".join(cells) + " |")
+
+    logit = table[table["score_kind"] == "logit"]
+    shown = _shown_levels(np.sort(logit["level"].unique()))
+    lines += ["", "### Logit thresholds", ""]
+    lines += [
+        "Threshold (recall, support) of each level: a logit at or above it is right that often "
+        "on val. `—`: unreachable. Last column: the highest level reached, with the images "
+        "kept and the 95% lower bound of their precision.",
+        "",
+        "| class | " + " | ".join(f"p ≥ {lv:g}" for lv in shown) + " | highest |",
+        "|---|" + "---|" * (len(shown) + 1),
+    ]
+    for name, part in logit.groupby("class_name", sort=False):
+        part = part.set_index("level")
+        cells = []
+        for lv in shown:
+            r = part.loc[lv]
+            cells.append(f"{r.threshold:.2f} ({r.recall:.2f}, {r.support})" if r.reachable else "—")
+        reached = part[part["reachable"]]
+        top = "none"
+        if len(reached):
+            r = reached.iloc[-1]
+            top = f"{reached.index[-1]:g} ({r.support} images, ≥ {r.precision_lower:.2f})"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {top} |")
+    if notes:
+        lines += ["", "Classes that reach no level:", "", *notes]
+
+    if realised is not None:
+        checked = realised[(realised["score_kind"] == "logit") & (realised["n"] > 0)]
+        flagged = checked[checked["flagged"]]
+        lines += ["", "### Realised precision on `test`", ""]
+        lines += [
+            f"{len(checked)} (class, level) logit thresholds select test images; "
+            f"{len(flagged)} fall more than {tolerance} below their level."
+        ]
+        if len(flagged):
+            lines += ["", "| class | level | threshold | test images | precision |"]
+            lines += ["|---|---|---|---|---|"]
+            lines += [
+                f"| {r.class_name} | {r.level:g} | {r.threshold:.2f} | {r.n} | {r.precision:.3f} |"
+                for r in flagged.head(20).itertuples()
+            ]
+    lines += ["", f"![reliability diagram]({RELIABILITY_PNG})", ""]
+    return "\n".join(lines)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from mtmc_pipeline.artifacts import TaskArtifacts, leaderboard_path, read_json
+from mtmc_pipeline.artifacts import TaskArtifacts, leaderboard_path, write_parquet, write_text
 
 
 def default_artifacts() -> Path:
@@ -26,27 +27,51 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def write_table(df: pd.DataFrame, out: Path) -> None:
+    """Parquet keeps list columns as lists; CSV writes them as JSON arrays (UTF-8)."""
+    if out.suffix == ".parquet":
+        write_parquet(out, df)
+        return
+    as_text = df.copy()
+    for col in as_text.columns:
+        if as_text[col].map(lambda v: isinstance(v, list)).any():
+            as_text[col] = as_text[col].map(
+                lambda v: json.dumps(v, ensure_ascii=False) if isinstance(v, list) else v
+            )
+    write_text(out, as_text.to_csv(index=False))
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from mtmc_pipeline.predict import Predictor, expand_inputs
     from mtmc_pipeline.runtime import resolve_runtime
 
     art = TaskArtifacts(Path(args.artifacts), args.task)
-    if not (art.model_dir / "model.json").is_file():
-        print(f"error: no trained model for task {args.task!r} under {art.dir}", file=sys.stderr)
-        return 2
-    if not (art.calibration_dir / "calibrator.json").is_file():
-        print(f"error: task {args.task!r} has no calibrator under {art.dir}", file=sys.stderr)
-        return 2
-    predictor = Predictor(art.dir, resolve_runtime(args.device))
-    df = predictor.predict(expand_inputs(args.inputs), args.min_precision, args.batch_size)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".parquet":
-        df.to_parquet(out, index=False)
-    else:
-        df.to_csv(out, index=False)
+    problem = None
+    if out.suffix not in (".csv", ".parquet"):
+        problem = f"--out {out}: use a .csv or .parquet file name"
+    elif not (art.model_dir / "model.json").is_file():
+        problem = f"no trained model for task {args.task!r} under {art.dir}"
+    elif not (art.calibration_dir / "calibrator.json").is_file():
+        problem = f"task {args.task!r} has no calibrator under {art.dir}"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        predictor = Predictor(art.dir, resolve_runtime(args.device))
+        df = predictor.predict(expand_inputs(args.inputs), args.min_precision, args.batch_size)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_table(df, out)
     errors = int(df["error"].notna().sum())
-    print(f"{len(df)} predictions written to {out} ({errors} unreadable files)")
+    confident = int(
+        df["labels_at_min_precision"].map(lambda v: isinstance(v, list) and len(v) > 0).sum()
+    )
+    print(
+        f"{len(df)} predictions written to {out}: {confident} with a class at precision >= "
+        f"{args.min_precision}, {errors} unreadable files"
+    )
     return 0
 
 
@@ -59,14 +84,17 @@ def cmd_summary(args: argparse.Namespace) -> int:
     board = pd.read_parquet(path)
     for row in board.itertuples():
         art = TaskArtifacts(root, row.task)
-        temp = read_json(art.calibration_dir / "temperature.json")
-        ece = f"ECE {temp['ece_before']:.4f} -> {temp['ece_after']:.4f}"
         print(f"\n== {row.task}: {row.classes} classes, {row.usable_images}/{row.images} usable")
-        print(f"   model {row.model}; on {row.split}: accuracy {row.accuracy:.4f}, ", end="")
-        print(f"macro F1 {row.macro_f1:.4f}")
-        print(f"   calibration: temperature {temp['temperature']:.3f}, {ece}")
+        print(
+            f"   model {row.model}; on {row.split}: accuracy {row.accuracy:.4f}, "
+            f"macro F1 {row.macro_f1:.4f}, mAP {row.mAP:.4f}"
+        )
+        print(
+            f"   calibration: temperature {row.temperature:.3f}, "
+            f"ECE on {row.split} {row.ece_before:.4f} -> {row.ece_after:.4f}"
+        )
         print(f"   report:      {art.evaluation_dir / 'report.md'}")
-        print(f"   thresholds:  {art.calibration_dir / 'calibration.parquet'}")
+        print(f"   thresholds:  {art.calibration_dir / 'report.md'}")
     return 0
 
 
@@ -90,7 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--task", required=True, help="task name (folder under the artifact root)")
     p.add_argument("--out", required=True, help="output .csv or .parquet")
-    p.add_argument("--min-precision", type=float, default=0.9, help="precision level for labels")
+    p.add_argument(
+        "--min-precision",
+        type=float,
+        default=0.9,
+        help="list every class whose calibrated confidence reaches this precision level",
+    )
     p.add_argument("--artifacts", default=str(default_artifacts()), help="artifact root")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--batch-size", type=int, default=64)

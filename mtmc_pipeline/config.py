@@ -212,6 +212,17 @@ class EvaluationConfig(_Section):
     min_macro_f1: float | None = Field(
         None, ge=0, le=1, description="Optional floor; the quality check fails below it."
     )
+    ovr_threshold: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="One-vs-rest metrics (CP ... OF1): class present at score >= this.",
+    )
+    ovr_scores: Literal["auto", "softmax", "sigmoid"] = Field(
+        "auto",
+        description="Per-class scores of the one-vs-rest metrics and mAP; auto: sigmoid for "
+        "models trained with a one-vs-rest loss (bce, ghm), else softmax.",
+    )
 
 
 def default_levels() -> list[float]:
@@ -224,6 +235,12 @@ class CalibrationConfig(_Section):
     )
     tolerance: float = Field(
         0.05, ge=0, le=1, description="Test split: realised precision may fall this far short."
+    )
+    min_support: int = Field(
+        1,
+        ge=1,
+        description="A threshold counts only if this many val images score at or above it "
+        "(raise it so one high-scoring mistake cannot leave a class without levels).",
     )
 
     @field_validator("levels")

@@ -64,6 +64,79 @@ def top_k_accuracy(y_true: np.ndarray, scores: np.ndarray, k: int) -> float:
     return float((top == y_true[:, None]).any(1).mean()) if len(y_true) else 0.0
 
 
+def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Boolean N x C indicator matrix of single labels (the multi-label form of a target)."""
+    return np.arange(num_classes)[None, :] == np.asarray(labels).reshape(-1, 1)
+
+
+def one_vs_rest(scores: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """CP, CR, CF1, OP, OR, OF1 with "class c present when score_c >= threshold".
+
+    As mmpretrain's ``MultiLabelMetric`` defines them, as fractions rather than percent:
+    C averages per-class precision, recall and F1 over all classes (a class with no predicted
+    or no true sample scores 0), O pools every (sample, class) decision into one count.
+    ``truth`` is the N x C indicator matrix (:func:`one_hot` for single labels). Several
+    classes, or none, may be present for one image: that is what a per-class threshold means.
+    """
+    predicted = scores >= threshold
+    truth = truth.astype(bool)
+    tp = (predicted & truth).sum(0).astype(np.float64)
+    n_pred = predicted.sum(0).astype(np.float64)
+    n_true = truth.sum(0).astype(np.float64)
+    precision = _safe_div(tp, n_pred)
+    recall = _safe_div(tp, n_true)
+    f1 = _safe_div(2 * precision * recall, precision + recall)
+    op = float(tp.sum() / n_pred.sum()) if n_pred.sum() else 0.0
+    orr = float(tp.sum() / n_true.sum()) if n_true.sum() else 0.0
+    return {
+        "CP": float(precision.mean()),
+        "CR": float(recall.mean()),
+        "CF1": float(f1.mean()),
+        "OP": op,
+        "OR": orr,
+        "OF1": 2 * op * orr / (op + orr) if op + orr else 0.0,
+    }
+
+
+def ranked_counts(
+    scores: np.ndarray, positive: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each distinct score t from high to low, with the positives and the samples scored >= t.
+
+    Samples with equal scores share one threshold: a threshold cannot split a tie.
+    """
+    order = np.argsort(-scores, kind="stable")
+    s, pos = scores[order], positive[order].astype(np.int64)
+    last_of_value = np.r_[s[1:] != s[:-1], True] if len(s) else np.zeros(0, dtype=bool)
+    return s[last_of_value], np.cumsum(pos)[last_of_value], (np.arange(len(s)) + 1)[last_of_value]
+
+
+def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the step precision-recall curve: sum over thresholds of (R_n - R_n-1) P_n.
+
+    Tied samples share one threshold, so the result does not depend on how ties are ordered
+    (mmpretrain ranks tied samples in sort order; both agree without ties, and scikit-learn's
+    ``average_precision_score`` agrees in every case). A class with no positive sample has
+    AP 0, as in both references.
+    """
+    n_pos = int(positive.sum())
+    if n_pos == 0:
+        return 0.0
+    _, tp, n = ranked_counts(scores, positive)
+    recall_gain = np.diff(np.r_[0, tp]) / n_pos
+    return float((recall_gain * tp / n).sum())
+
+
+def per_class_average_precision(scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """AP of every class (column of ``scores``) against its column of the indicator ``truth``;
+    their mean is mmpretrain's mAP."""
+    return np.array([average_precision(scores[:, c], truth[:, c]) for c in range(scores.shape[1])])
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * logits))  # overflow-free for any logit
+
+
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     z = logits / temperature
     z = z - z.max(axis=1, keepdims=True)

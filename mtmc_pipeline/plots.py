@@ -1,14 +1,17 @@
 """PNG plots that stay readable with many classes and with Chinese class names.
 
-Class names are drawn with a font that has every glyph they need, when one is installed.
-Without one, axes show class indices and the legend shows an ASCII transliteration
-(``条纹`` -> ``TiaoWen``), so no plot ever shows empty boxes.
+Class names are drawn with the default font plus, for characters it lacks, installed fonts
+that have them (matplotlib falls back glyph by glyph along a family list). When no installed
+font can draw every name, axes show class indices and a legend maps each index to an ASCII
+transliteration (``条纹`` -> ``TiaoWen``): a plot never shows empty boxes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
-from functools import cache, lru_cache
+from collections.abc import Sequence
+from functools import cache
 
 import matplotlib
 
@@ -19,8 +22,11 @@ import numpy as np
 import pandas as pd
 from anyascii import anyascii
 from matplotlib import font_manager
+from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from matplotlib.ft2font import FT2Font
+
+MAX_LABEL_CHARS = 24
 
 
 @cache
@@ -31,58 +37,120 @@ def _font_charset(path: str) -> frozenset[int]:
         return frozenset()
 
 
-@lru_cache(maxsize=64)
-def font_covering(text: str) -> FontProperties | None:
-    """A font that can draw every character of ``text`` (None when none is installed)."""
-    needed = {ord(ch) for ch in text if not ch.isspace()}
-    default = font_manager.findfont(FontProperties())
-    if needed <= _font_charset(default):
-        return FontProperties(fname=default)
-    for entry in font_manager.fontManager.ttflist:
-        if needed <= _font_charset(entry.fname):
-            return FontProperties(fname=entry.fname)
+def _family_file(family: str) -> str | None:
+    try:
+        return font_manager.findfont(FontProperties(family=family), fallback_to_default=False)
+    except ValueError:
+        return None
+
+
+@cache
+def _register_new_system_fonts() -> None:
+    """Add the fonts installed since matplotlib built its font cache (it never rescans), so
+    a CJK font installed after matplotlib is used without deleting that cache."""
+    known = {entry.fname for entry in font_manager.fontManager.ttflist}
+    for path in font_manager.findSystemFonts():
+        if path not in known:
+            with contextlib.suppress(OSError, RuntimeError, ValueError):
+                font_manager.fontManager.addfont(path)
+
+
+def _families_covering(missing: set[int]) -> list[str] | None:
+    """Installed families that together have every character of ``missing`` (greedy)."""
+    families = []
+    for family in sorted({entry.name for entry in font_manager.fontManager.ttflist}):
+        path = _family_file(family)
+        covered = _font_charset(path) & missing if path else frozenset()
+        if covered:
+            families.append(family)
+            missing = missing - covered
+            if not missing:
+                return families
     return None
 
 
-def class_labels(names: list[str]) -> tuple[list[str], FontProperties | None, str | None]:
+def font_for(texts: Sequence[str]) -> FontProperties | None:
+    """Font properties that draw every character of ``texts``, or None when no font can.
+
+    The default family comes first, then installed families for the characters it lacks
+    (matplotlib falls back glyph by glyph along the list).
+    """
+    default = FontProperties()
+    missing = {ord(ch) for text in texts for ch in text if not ch.isspace()}
+    missing -= _font_charset(font_manager.findfont(default))
+    if not missing:
+        return default
+    extra = _families_covering(missing)
+    if extra is None:
+        _register_new_system_fonts()
+        extra = _families_covering(missing)
+    return None if extra is None else FontProperties(family=[*default.get_family(), *extra])
+
+
+def _shorten(name: str) -> str:
+    return name if len(name) <= MAX_LABEL_CHARS else name[: MAX_LABEL_CHARS - 2] + ".."
+
+
+def class_labels(names: Sequence[str]) -> tuple[list[str], FontProperties | None, str | None]:
     """Tick labels, the font to draw them, and a legend text when indices stand in for names."""
-    font = font_covering("".join(names))
+    labels = [_shorten(str(n)) for n in names]
+    font = font_for(labels)
     if font is not None:
-        return list(names), font, None
-    legend = "\n".join(f"{i}: {anyascii(n)}" for i, n in enumerate(names))
+        return labels, font, None
+    legend = "\n".join(f"{i}: {anyascii(str(n)) or '?'}" for i, n in enumerate(names))
     return [str(i) for i in range(len(names))], None, legend
 
 
-def to_png(fig: plt.Figure) -> bytes:
+def to_png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
 
-def confusion_png(cm: np.ndarray, names: list[str], title: str = "Confusion matrix") -> bytes:
-    """Row-normalised colours with counts written in the cells (up to 30 classes)."""
+def _add_legend(fig: Figure, legend: str | None) -> None:
+    """The index -> name legend, just right of the rightmost axes (colour bar included)."""
+    if legend:
+        renderer = fig.canvas.get_renderer()
+        right = max(ax.get_tightbbox(renderer).x1 for ax in fig.axes) / fig.bbox.width
+        fig.text(right + 0.02, 0.5, legend, va="center", ha="left", fontsize=8, family="monospace")
+
+
+def confusion_figure(cm: np.ndarray, names: Sequence[str], title: str, normalize: bool) -> Figure:
+    """Colours are row fractions (recall per true class); cells show counts or percentages.
+
+    The figure grows with the number of classes and the tick and cell text shrink, so 24+
+    classes stay legible; cell values are left out beyond 40 classes, where colour must do.
+    """
     k = len(names)
     labels, font, legend = class_labels(names)
-    side = min(4 + 0.45 * k, 22)
-    fig, ax = plt.subplots(figsize=(side + (2.5 if legend else 0), side))
     rows = cm.sum(1, keepdims=True)
-    norm = np.divide(cm, rows, out=np.zeros_like(cm, dtype=float), where=rows > 0)
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(k), labels, rotation=90 if k > 8 else 0, fontproperties=font)
+    frac = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
+    side = float(np.clip(2.5 + 0.42 * k, 4.5, 24))
+    tick_size = 10 if k <= 12 else 8 if k <= 30 else 6
+    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    image = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label="share of the true class")
+    ax.set_xticks(range(k), labels, rotation=90 if k > 6 else 0, fontproperties=font)
     ax.set_yticks(range(k), labels, fontproperties=font)
+    ax.tick_params(labelsize=tick_size)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    if k <= 30:
-        for i in range(k):
-            for j in range(k):
-                if cm[i, j]:
-                    color = "white" if norm[i, j] > 0.5 else "black"
-                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8, color=color)
-    if legend:
-        fig.text(0.99, 0.5, legend, va="center", ha="left", fontsize=8, family="monospace")
-    return to_png(fig)
+    if k <= 40:
+        cell_size = 9 if k <= 12 else 7 if k <= 24 else 5
+        for i, j in zip(*np.nonzero(cm), strict=True):
+            text = f"{100 * frac[i, j]:.0f}" if normalize else str(cm[i, j])
+            color = "white" if frac[i, j] > 0.5 else "black"
+            ax.text(j, i, text, ha="center", va="center", fontsize=cell_size, color=color)
+    _add_legend(fig, legend)
+    return fig
+
+
+def confusion_png(
+    cm: np.ndarray, names: Sequence[str], title: str = "Confusion matrix", normalize: bool = False
+) -> bytes:
+    return to_png(confusion_figure(cm, names, title, normalize))
 
 
 def history_png(history: pd.DataFrame) -> bytes:
@@ -102,17 +170,31 @@ def history_png(history: pd.DataFrame) -> bytes:
 
 
 def reliability_png(before: pd.DataFrame, after: pd.DataFrame, temperature: float) -> bytes:
-    """Accuracy against confidence per bin, before and after temperature scaling."""
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
-    for table, label in ((before, "softmax"), (after, f"temperature {temperature:.2f}")):
+    """Accuracy against top-1 confidence per bin, before and after temperature scaling, with
+    the number of images per bin underneath (a gap in a near-empty bin means little)."""
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(4.8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    top.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
+    width = float((before["upper"] - before["lower"]).iloc[0])
+    for offset, (table, label) in enumerate(
+        ((before, "softmax"), (after, f"temperature {temperature:.2f}"))
+    ):
         t = table.dropna()
-        ax.plot(t["confidence"], t["accuracy"], "o-", label=label)
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.legend(loc="upper left")
+        top.plot(t["confidence"], t["accuracy"], "o-", ms=4, label=label)
+        bottom.bar(
+            table["lower"] + width * (0.25 + 0.5 * offset),
+            table["count"],
+            width * 0.45,
+            label=label,
+        )
+    top.set_ylabel("accuracy")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.legend(loc="upper left")
+    top.set_title("Reliability (validation)")
+    bottom.set_xlabel("top-1 confidence")
+    bottom.set_ylabel("images")
     return to_png(fig)
 
 
@@ -134,6 +216,5 @@ def bar_png(values: pd.Series | pd.DataFrame, title: str) -> bytes:
     ax.set_title(title)
     if table.shape[1] > 1:
         ax.legend(loc="lower right")
-    if legend:
-        fig.text(0.99, 0.5, legend, va="center", ha="left", fontsize=8, family="monospace")
+    _add_legend(fig, legend)
     return to_png(fig)

@@ -1,12 +1,16 @@
 """Inference with calibrated confidences, from a task's model bundle and calibrator.
 
-Loads only safetensors and JSON. Files that cannot be read become rows with an ``error``.
+Loads only safetensors and JSON (nothing is unpickled). Files that cannot be read become rows
+with an ``error``. A few threads decode the next batch (Pillow releases the GIL while it
+decodes) while the model runs on the current one.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +21,25 @@ from mtmc_pipeline.artifacts import read_json
 from mtmc_pipeline.calibrate import Calibrator
 from mtmc_pipeline.data import Normalize, fit_square, load_rgb
 from mtmc_pipeline.metrics import softmax
-from mtmc_pipeline.models import Preprocess, load_bundle
+from mtmc_pipeline.models import MODEL_FILE, Preprocess, load_bundle
 from mtmc_pipeline.runtime import Runtime, resolve_runtime
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+CALIBRATOR_FILE = "calibrator.json"
+COLUMNS = (
+    "path",
+    "label",
+    "softmax_prob",
+    "temperature_prob",
+    "calibrated_confidence",
+    "labels_at_min_precision",
+    "confidences_at_min_precision",
+    "error",
+)
+
+
+class StaleCalibratorError(ValueError):
+    """The calibrator was fitted for another model than the one next to it."""
 
 
 def expand_inputs(inputs: Iterable[str | Path]) -> Iterator[Path]:
@@ -37,82 +56,115 @@ def expand_inputs(inputs: Iterable[str | Path]) -> Iterator[Path]:
             yield path
 
 
-class Predictor:
-    """A loaded model + calibrator for one task."""
+def _batches(paths: Iterable[Path], size: int) -> Iterator[tuple[Path, ...]]:
+    it = iter(paths)
+    while chunk := tuple(islice(it, size)):
+        yield chunk
 
-    def __init__(self, task_artifacts: Path, runtime: Runtime | None = None) -> None:
+
+def _decode(path: Path, pre: Preprocess) -> np.ndarray | str:
+    """The model-sized HxWx3 image, or the reason it cannot be read."""
+    try:
+        return fit_square(load_rgb(path), pre.img_size, pre.interpolation)
+    except Exception as e:  # any unreadable file is a row, never a crash
+        return f"{type(e).__name__}: {e}"
+
+
+class Predictor:
+    """A loaded model + calibrator for one task (``<artifacts>/<task>``)."""
+
+    def __init__(
+        self, task_artifacts: Path, runtime: Runtime | None = None, decode_threads: int = 4
+    ) -> None:
         self.runtime = runtime or resolve_runtime()
+        self.decode_threads = decode_threads
         self.model, info = load_bundle(task_artifacts / "model", self.runtime.device)
         self.class_names: list[str] = info["class_names"]
         self.pre = Preprocess(
             info["img_size"], tuple(info["mean"]), tuple(info["std"]), info["interpolation"]
         )
-        self.calibrator = Calibrator.from_json(
-            read_json(task_artifacts / "calibration" / "calibrator.json")
-        )
+        path = task_artifacts / "calibration" / CALIBRATOR_FILE
+        self.calibrator = Calibrator.from_json(read_json(path), str(path))
+        model_fp = info.get("fingerprint")
+        if self.calibrator.class_names != self.class_names or (
+            self.calibrator.model_fingerprint not in (None, model_fp)
+        ):
+            raise StaleCalibratorError(
+                f"{path} was fitted for another model than {task_artifacts / 'model' / MODEL_FILE}"
+                " (retrained since?): materialize the task's evaluation and calibration again"
+            )
         self.normalize = Normalize(self.pre, self.runtime.device, self.runtime.channels_last)
 
     @torch.no_grad()
     def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Raw logits (N x C) of a uint8 NxHxWx3 batch."""
         x = torch.from_numpy(batch).permute(0, 3, 1, 2)
         with self.runtime.autocast():
             return self.model(self.normalize(x)).float().cpu().numpy()
 
+    def check_min_precision(self, min_precision: float) -> None:
+        top = max(self.calibrator.levels)
+        if not 0 < min_precision <= top:
+            raise ValueError(
+                f"--min-precision {min_precision}: must be above 0 and at most the highest "
+                f"calibrated level, {top} (calibration.levels)"
+            )
+
     def predict(
         self, paths: Iterable[Path], min_precision: float = 0.9, batch_size: int = 64
     ) -> pd.DataFrame:
+        """One row per path, in order (columns: ``COLUMNS``).
+
+        The next batch is decoded by the thread pool while the model runs on this one.
+        """
+        self.check_min_precision(min_precision)
         rows: list[dict[str, object]] = []
-        pending: list[tuple[int, np.ndarray]] = []
+        chunks = _batches(paths, batch_size)
+        with ThreadPoolExecutor(self.decode_threads) as pool:
 
-        def flush() -> None:
-            if not pending:
-                return
-            logits = self.logits(np.stack([a for _, a in pending]))
-            self._fill(rows, [i for i, _ in pending], logits, min_precision)
-            pending.clear()
+            def submit(chunk: tuple[Path, ...] | None) -> list[Future[np.ndarray | str]]:
+                return [pool.submit(_decode, p, self.pre) for p in chunk or ()]
 
-        for path in paths:
-            rows.append({"path": str(path), "error": None})
-            try:
-                arr = fit_square(load_rgb(path), self.pre.img_size, self.pre.interpolation)
-            except Exception as e:  # any unreadable file is a row, never a crash
-                rows[-1]["error"] = f"{type(e).__name__}: {e}"
-                continue
-            pending.append((len(rows) - 1, arr))
-            if len(pending) >= batch_size:
-                flush()
-        flush()
-        return pd.DataFrame(rows, columns=list(_COLUMNS))
+            chunk = next(chunks, None)
+            pending = submit(chunk)
+            while chunk:
+                decoded = [f.result() for f in pending]
+                following = next(chunks, None)
+                pending = submit(following)
+                rows += self._rows(chunk, decoded, min_precision)
+                chunk = following
+        return pd.DataFrame(rows, columns=list(COLUMNS))
 
-    def _fill(
-        self,
-        rows: list[dict[str, object]],
-        idx: list[int],
-        logits: np.ndarray,
-        min_precision: float,
-    ) -> None:
+    def _rows(
+        self, chunk: tuple[Path, ...], decoded: list[np.ndarray | str], min_precision: float
+    ) -> list[dict[str, object]]:
+        rows: list[dict[str, object]] = [
+            {"path": str(p), "error": d if isinstance(d, str) else None}
+            for p, d in zip(chunk, decoded, strict=True)
+        ]
+        good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+        if good:
+            logits = self.logits(np.stack([decoded[i] for i in good]))
+            for i, values in zip(good, self._describe(logits, min_precision), strict=True):
+                rows[i].update(values)
+        return rows
+
+    def _describe(self, logits: np.ndarray, min_precision: float) -> list[dict[str, object]]:
         probs = softmax(logits)
         tprobs = self.calibrator.temperature_probs(logits)
         conf = self.calibrator.precision_confidence(logits, "logit")
-        top = logits.argmax(1)
-        for k, i in enumerate(idx):
-            c = int(top[k])
-            confident = [self.class_names[j] for j in np.nonzero(conf[k] >= min_precision)[0]]
-            rows[i].update(
-                label=self.class_names[c],
-                softmax_prob=float(probs[k, c]),
-                temperature_prob=float(tprobs[k, c]),
-                calibrated_confidence=float(conf[k, c]),
-                labels_at_min_precision=";".join(confident),
+        out = []
+        for k, c in enumerate(logits.argmax(1)):
+            confident = np.nonzero(conf[k] >= min_precision)[0]
+            confident = confident[np.argsort(-conf[k, confident], kind="stable")]
+            out.append(
+                {
+                    "label": self.class_names[c],
+                    "softmax_prob": float(probs[k, c]),
+                    "temperature_prob": float(tprobs[k, c]),
+                    "calibrated_confidence": float(conf[k, c]),
+                    "labels_at_min_precision": [self.class_names[j] for j in confident],
+                    "confidences_at_min_precision": [float(conf[k, j]) for j in confident],
+                }
             )
-
-
-_COLUMNS = (
-    "path",
-    "label",
-    "softmax_prob",
-    "temperature_prob",
-    "calibrated_confidence",
-    "labels_at_min_precision",
-    "error",
-)
+        return out

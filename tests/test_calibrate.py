@@ -1,75 +1,301 @@
-"""Precision-threshold tables on scores where the right answer is known, and temperature."""
+"""Precision-threshold tables on scores where the right answer is known, the calibrator's
+interpolation, realised precision on test, temperature scaling and calibration errors."""
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
+from sklearn.metrics import brier_score_loss, log_loss
 
 from mtmc_pipeline.calibrate import (
     Calibrator,
+    calibrate,
     calibration_errors,
     fit_temperature,
     precision_thresholds,
+    realised_precision,
+    reliability_bins,
     threshold_table,
 )
+from mtmc_pipeline.config import CalibrationConfig
 from mtmc_pipeline.metrics import cross_entropy, softmax
+
+LEVELS = [round(0.1 + 0.02 * i, 2) for i in range(45)]
+
+
+def _by_level(scores, positive, levels=LEVELS, min_support=1) -> pd.DataFrame:
+    t = precision_thresholds(
+        np.asarray(scores, float), np.asarray(positive, bool), levels, min_support
+    )
+    return t.set_index("level")
 
 
 def test_known_thresholds() -> None:
     # scores high to low with labels: + + - + - - ; precision at each threshold:
     # t=6: 1/1, t=5: 2/2, t=4: 2/3, t=3: 3/4, t=2: 3/5, t=1: 3/6
-    scores = np.array([6.0, 5.0, 4.0, 3.0, 2.0, 1.0])
-    positive = np.array([1, 1, 0, 1, 0, 0], dtype=bool)
-    t = precision_thresholds(scores, positive, [0.5, 0.6, 0.7, 0.9, 1.0]).set_index("level")
+    t = _by_level([6.0, 5.0, 4.0, 3.0, 2.0, 1.0], [1, 1, 0, 1, 0, 0], [0.5, 0.6, 0.7, 0.9, 1.0])
     # 0.5: every threshold keeps precision >= 0.5 -> the lowest, 1.0
     assert t.loc[0.5, "threshold"] == 1.0 and t.loc[0.5, "support"] == 6
     # 0.6: precision at t=1 is 0.5 < 0.6; at t=2 0.6 and all higher >= 0.6 -> 2.0
     assert t.loc[0.6, "threshold"] == 2.0 and t.loc[0.6, "recall"] == 1.0
     # 0.7: t=3 has 0.75 but t=4 above it has 0.667 -> must stop at 5
     assert t.loc[0.7, "threshold"] == 5.0 and t.loc[0.7, "recall"] == pytest.approx(2 / 3)
+    assert t.loc[0.7, "precision"] == 1.0 and t.loc[0.7, "support"] == 2
     assert t.loc[1.0, "threshold"] == 5.0
 
 
+def test_tied_scores_are_kept_or_dropped_together() -> None:
+    # scores 3, 2, 2, 1 with labels + + - - : at t=2 both tied samples are in: precision 2/3.
+    # Cutting between the two 2s (precision 2/2) is no threshold a score can express.
+    t = _by_level([3.0, 2.0, 2.0, 1.0], [1, 1, 0, 0], [0.6, 0.7, 1.0])
+    assert t.loc[0.6, "threshold"] == 2.0 and t.loc[0.6, "support"] == 3
+    assert t.loc[0.7, "threshold"] == 3.0 and t.loc[0.7, "support"] == 1
+    assert t.loc[1.0, "threshold"] == 3.0
+    # the tie order in the input does not matter
+    swapped = _by_level([3.0, 2.0, 2.0, 1.0], [1, 0, 1, 0], [0.6, 0.7, 1.0])
+    assert swapped["threshold"].equals(t["threshold"])
+
+
 def test_unreachable_levels_are_marked_not_invented() -> None:
-    scores = np.array([3.0, 2.0, 1.0])
-    positive = np.array([0, 1, 1], dtype=bool)  # the top score is a negative
-    t = precision_thresholds(scores, positive, [0.1, 0.5])
+    t = _by_level([3.0, 2.0, 1.0], [0, 1, 1], [0.1, 0.5])  # the top score is a negative
     assert not t["reachable"].any() and t["threshold"].isna().all()
+    assert (t["support"] == 0).all() and t["precision"].isna().all()
 
 
-def test_table_is_monotone_in_level() -> None:
+def test_class_with_no_positives_reaches_no_level() -> None:
+    t = _by_level([0.9, 0.5, 0.1], [0, 0, 0])
+    assert not t["reachable"].any()
+    assert (t["recall"] == 0).all() and (t["precision_lower"] == 0).all()
+
+
+def test_constant_scores_give_one_threshold_up_to_the_prevalence() -> None:
+    t = _by_level(np.full(10, 0.7), [1] * 3 + [0] * 7)  # prevalence 0.3
+    reached = t[t["reachable"]]
+    assert reached.index.max() == pytest.approx(0.3)
+    assert (reached["threshold"] == 0.7).all() and (reached["support"] == 10).all()
+    assert not t.loc[0.32, "reachable"]
+
+
+def test_no_scores_at_all() -> None:
+    t = _by_level([], [])
+    assert not t["reachable"].any() and len(t) == len(LEVELS)
+
+
+def test_min_support_ignores_thresholds_too_few_images_back() -> None:
+    # one negative on top: with min_support 1 no level is reachable. With 3, thresholds that
+    # keep fewer than 3 images neither count nor constrain: precision is 2/3, 3/4, 4/5, 4/6
+    # from t=7 down, so 0.5 and 0.6 hold down to t=4 and 0.7 holds nowhere
+    scores, positive = [9.0, 8.0, 7.0, 6.0, 5.0, 4.0], [0, 1, 1, 1, 1, 0]
+    assert not _by_level(scores, positive)["reachable"].any()
+    t = _by_level(scores, positive, [0.5, 0.6, 0.7], min_support=3)
+    assert list(t["threshold"].iloc[:2]) == [4.0, 4.0]
+    assert t.loc[0.5, "precision"] == pytest.approx(4 / 6) and t.loc[0.5, "support"] == 6
+    assert not t.loc[0.7, "reachable"]
+    t = _by_level(scores, positive, [0.5], min_support=7)  # more than there are images
+    assert not t["reachable"].any()
+
+
+def test_precision_lower_bound_is_clopper_pearson() -> None:
+    t = _by_level([2.0, 1.0], [1, 1], [0.9])
+    # two hits of two: the one-sided 95% lower bound solves p^2 = 0.05
+    assert t.loc[0.9, "precision_lower"] == pytest.approx(0.05**0.5)
+
+
+def _brute_force(scores: np.ndarray, positive: np.ndarray, level: float) -> float:
+    """The definition, literally: the lowest candidate t whose precision, and that of every
+    higher candidate, is at least ``level`` (NaN when there is none)."""
+    best = np.nan
+    for t in sorted(set(scores.tolist()), reverse=True):
+        kept = scores >= t
+        if positive[kept].mean() < level - 1e-12:
+            break
+        best = t
+    return best
+
+
+def test_table_matches_the_definition_on_random_scores() -> None:
+    rng = np.random.default_rng(4)
+    for _ in range(200):
+        n = int(rng.integers(1, 30))
+        scores = np.round(rng.normal(size=n), int(rng.integers(0, 3)))  # many ties
+        positive = rng.random(n) < rng.random()
+        t = _by_level(scores, positive)
+        expected = [_brute_force(scores, positive, lv) for lv in LEVELS]
+        assert np.allclose(t["threshold"].to_numpy(), expected, equal_nan=True)
+        assert (t["reachable"] == ~np.isnan(expected)).all()
+
+
+def test_table_is_monotone_in_level_and_covers_both_score_kinds() -> None:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, 500)
     logits = rng.normal(size=(500, 4)) + 2.5 * np.eye(4)[labels]
-    table = threshold_table(logits, labels, list("abcd"), [0.1 + 0.02 * i for i in range(45)])
+    table = threshold_table(logits, labels, list("abcd"), LEVELS)
+    assert set(table["score_kind"]) == {"logit", "softmax"}
+    assert len(table) == 2 * 4 * len(LEVELS)
     for _, part in table[table["reachable"]].groupby(["class_name", "score_kind"]):
         assert (np.diff(part.sort_values("level")["threshold"].to_numpy()) >= 0).all()
+        assert (part["precision"] >= part["level"] - 1e-12).all()
+        assert (part["precision_lower"] <= part["precision"]).all()
 
 
-def test_calibrator_maps_scores_to_levels() -> None:
+def test_non_finite_logits_are_refused_with_a_reason() -> None:
+    logits = np.zeros((3, 2))
+    logits[1, 0] = np.nan
+    with pytest.raises(ValueError, match=r"non-finite logits.*diverged"):
+        threshold_table(logits, np.array([0, 1, 0]), ["a", "b"], [0.5])
+
+
+def _calibrator(thresholds: list[float | None], levels: list[float]) -> Calibrator:
+    return Calibrator(["a"], 1.0, levels, {"logit": [thresholds]})
+
+
+def test_confidence_interpolates_between_levels_and_handles_repeated_thresholds() -> None:
+    # 0.5, 0.6 and 0.7 share threshold 2.0; 0.8 needs 3.0; 0.9 is unreachable
+    cal = _calibrator([2.0, 2.0, 2.0, 3.0, None], [0.5, 0.6, 0.7, 0.8, 0.9])
+    scores = np.array([1.99, 2.0, 2.5, 3.0, 7.0])
+    conf = cal.precision_confidence(scores[:, None])[:, 0]
+    # below the lowest threshold: 0; at 2.0 every shared level holds: 0.7; halfway: 0.75;
+    # from 3.0 on: the highest reachable level, never the unreachable 0.9
+    assert conf == pytest.approx([0.0, 0.7, 0.75, 0.8, 0.8])
+
+
+def test_confidence_is_non_decreasing_in_the_score() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        t = np.sort(np.round(rng.normal(size=6), 1))  # repeats on purpose
+        cut = int(rng.integers(0, 7))
+        thresholds = [float(v) for v in t[:cut]] + [None] * (6 - cut)
+        cal = _calibrator(thresholds, [0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
+        s = np.linspace(-4, 4, 801)
+        conf = cal.precision_confidence(s[:, None])[:, 0]
+        assert (np.diff(conf) >= -1e-12).all()
+        for v, lv in zip(thresholds, [0.5, 0.6, 0.7, 0.8, 0.9, 0.95], strict=True):
+            if v is not None:  # at its own threshold a score reaches at least its level
+                assert cal.precision_confidence(np.array([[v]]))[0, 0] >= lv - 1e-12
+
+
+def test_calibrator_round_trips_and_keeps_its_promise_on_the_fit_data() -> None:
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 3, 2000)
     logits = rng.normal(size=(2000, 3)) + 3.0 * np.eye(3)[labels]
-    levels = [0.5, 0.7, 0.9]
-    table = threshold_table(logits, labels, ["a", "b", "c"], levels)
-    cal = Calibrator.from_table(table, ["a", "b", "c"], 1.0)
-    roundtrip = Calibrator.from_json(cal.to_json())
-    conf = roundtrip.precision_confidence(logits)
+    table = threshold_table(logits, labels, ["a", "b", "c"], [0.5, 0.7, 0.9])
+    cal = Calibrator.from_table(table, ["a", "b", "c"], 1.3, "fp")
+    again = Calibrator.from_json(cal.to_json())
+    assert again == cal
+    conf = again.precision_confidence(logits)
     assert conf.min() >= 0 and conf.max() <= 0.9
-    t09 = table.query("class_name == 'a' and score_kind == 'logit' and level == 0.9")["threshold"]
-    above = logits[:, 0] >= float(t09.iloc[0])
-    assert conf[above, 0] == pytest.approx(0.9)
-    # precision among samples the calibrator puts at >= 0.9 really is >= 0.9 here
-    assert (labels[conf[:, 0] >= 0.9] == 0).mean() >= 0.9
+    for c in range(3):
+        for level in (0.5, 0.7, 0.9):
+            chosen = conf[:, c] >= level
+            assert (labels[chosen] == c).mean() >= level
+    assert again.temperature_probs(logits) == pytest.approx(softmax(logits, 1.3))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"thresholds": {"logit": [[2.0, 1.0]]}}, "decrease"),
+        ({"thresholds": {"logit": [[1.0]]}}, "1 classes x 2 levels"),
+        ({"levels": [0.9, 0.5]}, "increasing"),
+        ({"temperature": -1}, "positive"),
+        ({"thresholds": {"sigmoid": [[1.0, 2.0]]}}, "unknown score kind"),
+    ],
+)
+def test_a_malformed_calibrator_file_is_named(change: dict, message: str) -> None:
+    data = {"class_names": ["a"], "temperature": 1.0, "levels": [0.5, 0.9]}
+    data |= {"thresholds": {"logit": [[1.0, 2.0]]}, **change}
+    with pytest.raises(ValueError, match=f"my/calibrator.json: .*{message}"):
+        Calibrator.from_json(data, "my/calibrator.json")
+
+
+def test_realised_precision_is_measured_and_flagged() -> None:
+    val_labels = np.array([0, 0, 0, 1, 1, 1])
+    val_logits = np.array([[3.0, 0], [2.0, 0], [1.0, 0], [0, 3.0], [0, 2.0], [0, 1.0]])
+    table = threshold_table(val_logits, val_labels, ["a", "b"], [0.5, 0.9])
+    # on test, class a's thresholds also select two b images
+    test_logits = np.array([[3.0, 0], [2.5, 0.0], [2.5, 1.0], [0, 3.0]])
+    test_labels = np.array([0, 1, 1, 1])
+    out = realised_precision(table, test_logits, test_labels, ["a", "b"], tolerance=0.05)
+    row = out[(out["class_name"] == "a") & (out["score_kind"] == "logit") & (out["level"] == 0.9)]
+    assert row["n"].item() == 3 and row["precision"].item() == pytest.approx(1 / 3)
+    assert row["flagged"].item()
+    b = out[(out["class_name"] == "b") & (out["score_kind"] == "logit")].set_index("level")
+    assert not b["flagged"].any()
+    assert b.loc[0.9, "n"] == 2 and b.loc[0.9, "precision"] == 1.0
+
+
+def _predictions(logits: np.ndarray, labels: np.ndarray, split: str) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "relpath": [f"{split}/{i}.png" for i in range(len(labels))],
+            "split": split,
+            "label": labels,
+            "pred": logits.argmax(1),
+            "logits": list(logits.astype(np.float32)),
+        }
+    )
+
+
+def test_calibrate_fits_on_val_and_checks_on_test() -> None:
+    rng = np.random.default_rng(6)
+
+    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = rng.integers(0, 3, n)
+        return (rng.normal(size=(n, 3)) + 2.0 * np.eye(3)[labels]) * 4, labels
+
+    (vl, vy), (tl, ty) = split(600), split(400)
+    preds = pd.concat([_predictions(vl, vy, "val"), _predictions(tl, ty, "test")])
+    cal = calibrate(preds, ["x", "y", "z"], CalibrationConfig(), "model-fp")
+    assert cal.calibrator.model_fingerprint == "model-fp"
+    assert cal.temperature["split"] == "val" and cal.temperature["n"] == 600
+    assert cal.temperature["temperature"] > 1  # the logits were scaled up 4x
+    assert cal.temperature["nll_after"] < cal.temperature["nll_before"]
+    assert cal.temperature["test"]["n"] == 400
+    assert cal.temperature["test"]["ece_after"] < cal.temperature["test"]["ece_before"]
+    assert cal.realised is not None and set(cal.realised["score_kind"]) == {"logit", "softmax"}
+    assert "Realised precision on `test`" in cal.report_md
+    assert cal.reliability_png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_calibrate_without_val_says_so() -> None:
+    preds = _predictions(np.zeros((2, 2)), np.array([0, 1]), "test")
+    with pytest.raises(ValueError, match="no val images"):
+        calibrate(preds, ["a", "b"], CalibrationConfig())
 
 
 def test_temperature_scaling_never_raises_nll() -> None:
     rng = np.random.default_rng(2)
     labels = rng.integers(0, 5, 400)
-    overconfident = (rng.normal(size=(400, 5)) + 1.5 * np.eye(5)[labels]) * 6
+    base = rng.normal(size=(400, 5)) + 1.5 * np.eye(5)[labels]
+    overconfident, underconfident = base * 6, base / 6
     t = fit_temperature(overconfident, labels)
     assert t > 1.5
     assert cross_entropy(overconfident, labels, t) < cross_entropy(overconfident, labels)
     before = calibration_errors(softmax(overconfident), labels)
     after = calibration_errors(softmax(overconfident, t), labels)
     assert after["ece"] < before["ece"] and after["nll"] < before["nll"]
+    assert fit_temperature(underconfident, labels) < 1
+    # labels unrelated to the logits: the best temperature flattens towards uniform, and the
+    # NLL still never rises
+    noise = rng.normal(size=(400, 5))
+    t = fit_temperature(noise, labels)
+    assert cross_entropy(noise, labels, t) <= cross_entropy(noise, labels)
+
+
+def test_calibration_errors_against_hand_values_and_sklearn() -> None:
+    # two images at confidence 0.9, one right and one wrong: one bin, accuracy 0.5
+    probs = np.array([[0.9, 0.1], [0.9, 0.1]])
+    labels = np.array([0, 1])
+    errors = calibration_errors(probs, labels)
+    assert errors["ece"] == pytest.approx(0.4) and errors["mce"] == pytest.approx(0.4)
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 4, 300)
+    probs = softmax(rng.normal(size=(300, 4)) * 2)
+    errors = calibration_errors(probs, labels)
+    assert errors["nll"] == pytest.approx(log_loss(labels, probs, labels=[0, 1, 2, 3]))
+    assert errors["brier"] == pytest.approx(brier_score_loss(labels, probs, labels=[0, 1, 2, 3]))
+    bins = reliability_bins(probs, labels)
+    assert bins["count"].sum() == 300 and len(bins) == 15
+    gap = (bins["accuracy"] - bins["confidence"]).abs().fillna(0)
+    assert errors["ece"] == pytest.approx((gap * bins["count"]).sum() / 300)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -11,18 +13,10 @@ import pandas as pd
 
 from mtmc_pipeline import artifacts as af
 from mtmc_pipeline.artifacts import TaskArtifacts, stored_fingerprint
-from mtmc_pipeline.calibrate import (
-    Calibrator,
-    calibration_errors,
-    fit_temperature,
-    reliability_bins,
-    threshold_table,
-)
+from mtmc_pipeline.calibrate import CHECK_SPLIT, RELIABILITY_PNG, calibrate
 from mtmc_pipeline.config import CalibrationConfig, EvaluationConfig
 from mtmc_pipeline.evaluate import evaluate_model
-from mtmc_pipeline.metrics import softmax
 from mtmc_pipeline.models import MODEL_FILE
-from mtmc_pipeline.plots import reliability_png
 from mtmc_pipeline.runtime import Runtime
 from mtmc_pipeline.stages.common import (
     CheckOutcome,
@@ -33,6 +27,22 @@ from mtmc_pipeline.stages.common import (
     stage_fingerprint,
     upstream_fingerprint,
 )
+
+_LOCAL_PNG = re.compile(r"!\[([^\]]*)\]\(([^()/\\]+\.png)\)")
+
+
+def embed_pngs(markdown: str, directory: Path) -> str:
+    """The report with its local ``![..](x.png)`` images inlined, for the UI (no file links)."""
+
+    def inline(m: re.Match[str]) -> str:
+        path = directory / m.group(2)
+        if not path.is_file():
+            return m.group(0)
+        return (
+            f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+        )
+
+    return _LOCAL_PNG.sub(inline, markdown)
 
 
 def run_evaluation(
@@ -57,7 +67,8 @@ def run_evaluation(
             af.write_parquet(tmp / "per_class.parquet", ev.per_class)
             af.write_parquet(tmp / "confusion.parquet", ev.confusion)
             af.write_parquet(tmp / "predictions.parquet", ev.predictions)
-            af.write_bytes(tmp / "confusion.png", ev.confusion_png)
+            for name, png in ev.pngs.items():
+                af.write_bytes(tmp / name, png)
             af.write_text(tmp / "report.md", ev.report_md)
     metrics = af.read_json(out / "metrics.json")
     per_class = af.read_parquet(out / "per_class.parquet")
@@ -68,9 +79,9 @@ def run_evaluation(
         "accuracy": metrics["accuracy"],
         "balanced_accuracy": metrics["balanced_accuracy"],
         "macro_f1": metrics["macro_f1"],
+        "mAP": metrics["mAP"],
+        "report": Markdown(embed_pngs((out / "report.md").read_text("utf-8"), out)),
         "per_class": per_class[per_class["split"] == split].drop(columns="split"),
-        "report": Markdown((out / "report.md").read_text("utf-8")),
-        "confusion_matrix": Png((out / "confusion.png").read_bytes()),
         "path": str(out),
     }
     record_elapsed(md, start)
@@ -85,7 +96,8 @@ def evaluation_checks(
     checks = {
         "beats_majority_baseline": CheckOutcome(
             metrics["accuracy"] > majority,
-            f"accuracy {metrics['accuracy']:.4f} vs always-the-largest-class {majority:.4f}",
+            f"accuracy {metrics['accuracy']:.4f} on {metrics['split']} vs always-the-largest-"
+            f"class {majority:.4f}",
             "error",
             {"accuracy": metrics["accuracy"], "majority_baseline": majority},
         )
@@ -113,87 +125,42 @@ def run_calibration(art: TaskArtifacts, config: CalibrationConfig) -> StageResul
     if not reused:
         preds = af.read_parquet(eval_dir / "predictions.parquet")
         classes = af.read_json(art.model_dir / MODEL_FILE)["class_names"]
-        result = calibrate_predictions(preds, classes, config)
+        model_fp = af.read_json(eval_dir / "metrics.json").get("model_fingerprint")
+        try:
+            cal = calibrate(preds, classes, config, model_fp)
+        except ValueError as e:
+            raise ValueError(f"{eval_dir / 'predictions.parquet'}: {e}") from e
         with af.atomic_dir(out) as tmp:
-            af.write_parquet(tmp / "calibration.parquet", result["table"], fp)
-            af.write_json(tmp / "temperature.json", {**result["temperature"], "fingerprint": fp})
-            af.write_json(tmp / "calibrator.json", {**result["calibrator"], "fingerprint": fp})
-            af.write_bytes(tmp / "reliability.png", result["reliability_png"])
-            if result["realised"] is not None:
-                af.write_parquet(tmp / "realised_precision.parquet", result["realised"])
+            af.write_parquet(tmp / "calibration.parquet", cal.table, fp)
+            af.write_json(tmp / "temperature.json", {**cal.temperature, "fingerprint": fp})
+            af.write_json(tmp / "calibrator.json", {**cal.calibrator.to_json(), "fingerprint": fp})
+            af.write_bytes(tmp / RELIABILITY_PNG, cal.reliability_png)
+            af.write_text(tmp / "report.md", cal.report_md)
+            if cal.realised is not None:
+                af.write_parquet(tmp / "realised_precision.parquet", cal.realised)
     table = af.read_parquet(out / "calibration.parquet")
     temp = af.read_json(out / "temperature.json")
     realised_path = out / "realised_precision.parquet"
     realised = af.read_parquet(realised_path) if realised_path.exists() else None
     logit = table[table["score_kind"] == "logit"]
-    md = {
+    md: dict[str, Any] = {
         "temperature": temp["temperature"],
         "ece_before": temp["ece_before"],
         "ece_after": temp["ece_after"],
         "nll_before": temp["nll_before"],
         "nll_after": temp["nll_after"],
         "reachable_levels": int(logit["reachable"].sum()),
+        "report": Markdown(embed_pngs((out / "report.md").read_text("utf-8"), out)),
         "thresholds_at_0.9": logit[np.isclose(logit["level"], 0.9)][
-            ["class_name", "threshold", "support", "recall"]
+            ["class_name", "threshold", "support", "recall", "precision_lower"]
         ],
-        "reliability": Png((out / "reliability.png").read_bytes()),
+        "reliability": Png((out / RELIABILITY_PNG).read_bytes()),
         "path": str(out),
     }
+    if realised is not None:
+        md["realised_precision_flagged"] = int(realised["flagged"].sum())
     record_elapsed(md, start)
     return StageResult(fp, reused, md, calibration_checks(table, realised, config))
-
-
-def calibrate_predictions(
-    preds: pd.DataFrame, classes: list[str], config: CalibrationConfig
-) -> dict[str, Any]:
-    """Fit the threshold table and temperature on val; measure realised precision on test."""
-    val = preds[preds["split"] == "val"]
-    logits = np.stack(val["logits"].to_numpy()).astype(np.float64)
-    labels = val["label"].to_numpy()
-    table = threshold_table(logits, labels, classes, config.levels)
-    temperature = fit_temperature(logits, labels)
-    before = calibration_errors(softmax(logits), labels)
-    after = calibration_errors(softmax(logits, temperature), labels)
-    calibrator = Calibrator.from_table(table, classes, temperature)
-    realised = None
-    test = preds[preds["split"] == "test"]
-    if not test.empty:
-        realised = realised_precision(
-            table, np.stack(test["logits"].to_numpy()), test["label"].to_numpy(), classes
-        )
-    png = reliability_png(
-        reliability_bins(softmax(logits), labels),
-        reliability_bins(softmax(logits, temperature), labels),
-        temperature,
-    )
-    return {
-        "table": table,
-        "temperature": {
-            "temperature": temperature,
-            "split": "val",
-            "n": len(labels),
-            **{f"{k}_before": v for k, v in before.items()},
-            **{f"{k}_after": v for k, v in after.items()},
-        },
-        "calibrator": calibrator.to_json(),
-        "reliability_png": png,
-        "realised": realised,
-    }
-
-
-def realised_precision(
-    table: pd.DataFrame, logits: np.ndarray, labels: np.ndarray, classes: list[str]
-) -> pd.DataFrame:
-    """Precision actually reached on held-out data at each reachable logit threshold."""
-    rows = []
-    logit = table[(table["score_kind"] == "logit") & table["reachable"]]
-    for r in logit.itertuples():
-        c = classes.index(r.class_name)
-        hit = logits[:, c] >= r.threshold
-        n = int(hit.sum())
-        prec = float((labels[hit] == c).mean()) if n else float("nan")
-        rows.append((r.class_name, r.level, r.threshold, n, prec))
-    return pd.DataFrame(rows, columns=["class_name", "level", "threshold", "n", "precision"])
 
 
 def calibration_checks(
@@ -202,7 +169,7 @@ def calibration_checks(
     bad = []
     for (name, kind), part in table[table["reachable"]].groupby(["class_name", "score_kind"]):
         t = part.sort_values("level")["threshold"].to_numpy()
-        if (np.diff(t) < -1e-12).any():
+        if (np.diff(t) < 0).any():
             bad.append(f"{name}/{kind}")
     checks = {
         "thresholds_monotone": CheckOutcome(
@@ -210,24 +177,29 @@ def calibration_checks(
         )
     }
     if realised is not None:
-        short = realised[realised["n"] > 0]
-        short = short[short["precision"] < short["level"] - config.tolerance]
+        checked = realised[realised["n"] > 0]
+        short = checked[checked["flagged"]]
         checks["realised_precision_on_test"] = CheckOutcome(
             short.empty,
-            f"{len(short)} (class, level) pairs fall more than {config.tolerance} below their "
-            "level on the test split",
+            f"{len(short)} of {len(checked)} (class, score, level) thresholds fall more than "
+            f"{config.tolerance} (calibration.tolerance) below their level on the test split",
             "warn",
-            {"short": short.head(20).to_dict("records")},
+            {"checked": len(checked), "short": short.head(50)},
         )
     return checks
 
 
 def leaderboard_row(art: TaskArtifacts) -> dict[str, Any]:
-    """One task's summary, read from its latest artifacts."""
+    """One task's summary, read from its latest artifacts.
+
+    ECE is taken on the same split as the metrics: test when there is one (the temperature
+    is fitted on val, so val ECE after scaling flatters it), else val.
+    """
     integrity = af.read_parquet(art.integrity)
     model = af.read_json(art.model_dir / MODEL_FILE)
     metrics = af.read_json(art.evaluation_dir / "metrics.json")
     temp = af.read_json(art.calibration_dir / "temperature.json")
+    errors = temp.get(CHECK_SPLIT, temp) if metrics["split"] == CHECK_SPLIT else temp
     return {
         "task": art.task,
         "images": len(integrity),
@@ -238,7 +210,10 @@ def leaderboard_row(art: TaskArtifacts) -> dict[str, Any]:
         "split": metrics["split"],
         "accuracy": metrics["accuracy"],
         "macro_f1": metrics["macro_f1"],
-        "ece_after": temp["ece_after"],
+        "mAP": metrics["mAP"],
+        "temperature": temp["temperature"],
+        "ece_before": errors["ece_before"],
+        "ece_after": errors["ece_after"],
         "trained_at": model["trained_at"],
         "fingerprint": model["fingerprint"],
     }
@@ -258,7 +233,7 @@ def run_leaderboard(root: Path, tasks: list[str]) -> StageResult:
     reused = stored_fingerprint(path) == fp
     if not reused:
         af.write_parquet(path, table, fp)
-    md = {"tasks": len(rows), "leaderboard": table, "path": str(path)}
+    md: dict[str, Any] = {"tasks": len(rows), "leaderboard": table, "path": str(path)}
     if missing:
         md["tasks_without_results"] = missing
     return StageResult(fp, reused, md)

@@ -1,0 +1,103 @@
+"""The evaluation and calibration the pipeline wrote for the tiny demo: every number can be
+recomputed from predictions.parquet, and the UI shows the report with its images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import average_precision_score, precision_recall_fscore_support
+
+from mtmc_pipeline.calibrate import calibration_errors
+from mtmc_pipeline.metrics import cross_entropy, softmax
+from tests.conftest import Materialized
+
+
+def _read(materialized: Materialized, task: str):
+    ev = materialized.artifacts / task / "evaluation"
+    metrics = json.loads((ev / "metrics.json").read_text("utf-8"))
+    preds = pd.read_parquet(ev / "predictions.parquet")
+    return ev, metrics, preds
+
+
+@pytest.mark.parametrize("task", ["digits", "pattern"])
+def test_metrics_follow_from_the_saved_logits(materialized: Materialized, task: str) -> None:
+    ev, metrics, preds = _read(materialized, task)
+    part = preds[preds["split"] == metrics["split"]]
+    logits = np.stack(part["logits"].to_numpy()).astype(np.float64)
+    y = part["label"].to_numpy()
+    k = logits.shape[1]
+    assert metrics["ovr_scores"] == "softmax" and metrics["ovr_threshold"] == 0.5
+    probs = softmax(logits)
+    truth = np.eye(k, dtype=int)[y]
+    decisions = (probs >= 0.5).astype(int)
+    macro = precision_recall_fscore_support(truth, decisions, average="macro", zero_division=0)
+    micro = precision_recall_fscore_support(truth, decisions, average="micro", zero_division=0)
+    assert [metrics[m] for m in ("CP", "CR", "CF1")] == pytest.approx(list(macro[:3]))
+    assert [metrics[m] for m in ("OP", "OR", "OF1")] == pytest.approx(list(micro[:3]))
+    assert metrics["mAP"] == pytest.approx(average_precision_score(truth, probs), abs=1e-6)
+    assert metrics["log_loss"] == pytest.approx(cross_entropy(logits, y), abs=1e-6)
+    per_class = pd.read_parquet(ev / "per_class.parquet")
+    ap = per_class[per_class["split"] == metrics["split"]]["average_precision"].to_numpy()
+    assert ap.mean() == pytest.approx(metrics["mAP"])
+    assert (
+        metrics["model_fingerprint"]
+        == json.loads((materialized.artifacts / task / "model" / "model.json").read_text("utf-8"))[
+            "fingerprint"
+        ]
+    )
+
+
+def test_confusion_parquet_has_counts_and_row_fractions(materialized: Materialized) -> None:
+    ev, _, preds = _read(materialized, "pattern")
+    cm = pd.read_parquet(ev / "confusion.parquet")
+    assert {"true_class", "pred_class", "true_label", "pred_label", "count", "row_fraction"} <= set(
+        cm.columns
+    )
+    val = cm[cm["split"] == "val"]
+    assert val["count"].sum() == (preds["split"] == "val").sum()
+    rows = val.groupby("true_class")["row_fraction"].sum()
+    assert np.allclose(rows, 1.0)
+    pairs = preds[preds["split"] == "val"].groupby(["label", "pred"]).size()
+    counted = val.set_index(["true_label", "pred_label"])["count"]
+    assert (counted[counted > 0].sort_index() == pairs.sort_index()).all()
+    for name in ("confusion.png", "confusion_normalized.png"):
+        assert (ev / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_shows_the_required_sections_in_the_ui(materialized: Materialized) -> None:
+    ev = _read(materialized, "pattern")[0]
+    report = (ev / "report.md").read_text("utf-8")
+    for heading in ("## Evaluation on `val`", "Worst classes", "Most confused pairs", "mistakes"):
+        assert heading in report
+    assert "| CP | CR | CF1 | OP | OR | OF1 |" in report
+    assert "](confusion.png)" in report and "](confusion_normalized.png)" in report
+    shown = {}
+    for event in materialized.result.get_asset_materialization_events():
+        key = event.asset_key.to_user_string()
+        if key in ("pattern/evaluation", "pattern/calibration"):
+            shown[key] = event.materialization.metadata["report"].value
+    assert shown["pattern/evaluation"].count("](data:image/png;base64,") == 2
+    assert "## Evaluation on `val`" in shown["pattern/evaluation"]
+    assert "### Logit thresholds" in shown["pattern/calibration"]
+    assert "](data:image/png;base64," in shown["pattern/calibration"]
+
+
+@pytest.mark.parametrize("task", ["digits", "pattern"])
+def test_temperature_is_fitted_on_val_and_never_raises_its_nll(
+    materialized: Materialized, task: str
+) -> None:
+    _, _, preds = _read(materialized, task)
+    val = preds[preds["split"] == "val"]
+    logits = np.stack(val["logits"].to_numpy()).astype(np.float64)
+    y = val["label"].to_numpy()
+    temp = json.loads(
+        (materialized.artifacts / task / "calibration" / "temperature.json").read_text("utf-8")
+    )
+    after = calibration_errors(softmax(logits, temp["temperature"]), y)
+    assert temp["nll_after"] == pytest.approx(after["nll"]) and temp["ece_after"] == pytest.approx(
+        after["ece"]
+    )
+    assert temp["nll_after"] <= temp["nll_before"] + 1e-12

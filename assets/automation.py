@@ -134,26 +134,21 @@ def folder_changes(root: Path, loaded: Sequence[str]) -> str | None:
     """What differs between the task folders on disk and those the code location loaded."""
     try:
         present = set(discover_tasks(root))
-    except DataRootError as e:
+    except DataRootError:
         present = set()
-        if not loaded:
-            return f"{e}; the code location has no task assets"
     added, removed = sorted(present - set(loaded)), sorted(set(loaded) - present)
     if not added and not removed:
         return None
-    lines = []
+    changes = []
     if added:
-        lines.append(f"new task folder(s) under {root}: {', '.join(added)}")
+        changes.append(f"new task folder(s) {', '.join(added)}")
     if removed:
-        lines.append(
-            f"task folder(s) gone from {root}: {', '.join(removed)} "
-            "(their assets fail to observe until then)"
-        )
-    lines.append(
-        "Reload the code location to update the assets: the Reload button under Deployment "
-        "in the UI, or restart `dagster dev` / the code server."
+        changes.append(f"task folder(s) {', '.join(removed)} removed")
+    return (
+        f"Under {root}: {' and '.join(changes)}. Reload the code location to update the "
+        "assets (Deployment > Reload in the UI, or restart `dagster dev` or the code server); "
+        "until then a new folder has no assets and a removed one fails to observe."
     )
-    return "; ".join(lines[:-1]).capitalize() + ". " + lines[-1]
 
 
 def task_folder_sensor(root: Path, loaded: Sequence[str]) -> dg.SensorDefinition:

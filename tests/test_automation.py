@@ -18,7 +18,7 @@ from dagster._core.loader import LoadingContextForTest
 from dagster._core.storage.dagster_run import DagsterRunStatus
 from PIL import Image
 
-from assets.automation import RETRAIN, stale_assets
+from assets.automation import RETRAIN, AutomationSettingError, stale_assets
 from assets.definitions import build_definitions
 from assets.factory import STAGES
 from mtmc_pipeline.stages import CODE_VERSIONS
@@ -203,3 +203,55 @@ def test_nothing_is_requested_while_its_run_is_in_progress(
     t.instance.report_run_failed(run)
     third = t.tick(second.cursor, new_code)
     assert requested(third, graph) == busy | {LEADERBOARD}
+
+
+def test_automation_is_declared_with_its_defaults(tiny_root: Path, tmp_path: Path) -> None:
+    repo = build_definitions(tiny_root, tmp_path).get_repository_def()
+    observe = repo.get_schedule_def("observe_raw_images")
+    assert observe.cron_schedule == "*/15 * * * *"
+    assert observe.default_status == dg.DefaultScheduleStatus.RUNNING
+    raw = {dg.AssetKey([t, "raw_images"]) for t in ("digits", "pattern")}
+    assert set(repo.get_job("observe_raw_images").asset_layer.selected_asset_keys) == raw
+
+    nightly = repo.get_schedule_def("nightly_stale")
+    assert nightly.cron_schedule == "0 2 * * *"
+    assert nightly.default_status == dg.DefaultScheduleStatus.STOPPED
+
+    sensor = repo.get_sensor_def("mtmc_automation")
+    assert isinstance(sensor, dg.AutomationConditionSensorDefinition)
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    assert repo.get_sensor_def("task_folders").default_status == dg.DefaultSensorStatus.RUNNING
+
+
+def test_schedules_follow_the_environment(
+    tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MTMC_OBSERVE_CRON", "*/5 * * * *")
+    monkeypatch.setenv("MTMC_NIGHTLY_CRON", "30 3 * * 1-5")
+    monkeypatch.setenv("MTMC_TIMEZONE", "Europe/Berlin")
+    repo = build_definitions(tiny_root, tmp_path).get_repository_def()
+    assert repo.get_schedule_def("observe_raw_images").cron_schedule == "*/5 * * * *"
+    nightly = repo.get_schedule_def("nightly_stale")
+    assert (nightly.cron_schedule, nightly.execution_timezone) == ("30 3 * * 1-5", "Europe/Berlin")
+
+    monkeypatch.setenv("MTMC_OBSERVE_CRON", "every 5 minutes")
+    with pytest.raises(AutomationSettingError, match="MTMC_OBSERVE_CRON='every 5 minutes'"):
+        build_definitions(tiny_root, tmp_path)
+
+
+def test_task_folder_sensor_says_to_reload(tiny_copy: Path, tmp_path: Path) -> None:
+    repo = build_definitions(tiny_copy, tmp_path).get_repository_def()
+    sensor = repo.get_sensor_def("task_folders")
+
+    def message() -> str:
+        with dg.build_sensor_context() as context:
+            result = sensor.evaluate_tick(context)
+        assert not result.run_requests
+        return result.skip_message or ""
+
+    assert "match the loaded assets" in message()
+    (tiny_copy / "印花" / "条纹").mkdir(parents=True)
+    shutil.rmtree(tiny_copy / "pattern")
+    text = message()
+    assert "new task folder(s) 印花" in text and "task folder(s) pattern removed" in text
+    assert "Reload the code location" in text

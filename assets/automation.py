@@ -19,12 +19,16 @@ import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
 from dagster._core.loader import LoadingContextForTest
 
 from mtmc_pipeline.layout import DataRootError, discover_tasks
+
+if TYPE_CHECKING:
+    from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph
 
 OBSERVE_CRON = "*/15 * * * *"
 NIGHTLY_CRON = "0 2 * * *"
@@ -91,7 +95,7 @@ def automation_sensor() -> dg.AutomationConditionSensorDefinition:
     )
 
 
-def stale_assets(instance: dg.DagsterInstance, asset_graph) -> set[dg.AssetKey]:
+def stale_assets(instance: dg.DagsterInstance, asset_graph: BaseAssetGraph) -> set[dg.AssetKey]:
     """The assets a run must redo: stale or missing, and everything downstream of those.
 
     Dagster (like its UI) calls an asset stale when its code version or its direct inputs'

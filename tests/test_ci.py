@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import yaml
 
 from assets.definitions import build_definitions
 from assets.factory import STAGES
@@ -38,6 +40,18 @@ def test_selection_syntax_for_one_task(tiny_root: Path, tmp_path: Path) -> None:
     # the legacy syntax reads 'digits/*' as a key 'digits/' that does not exist
     with pytest.raises(dg.DagsterInvalidSubsetError, match="digits/"):
         _keys("digits/*", graph)
+
+
+def test_the_github_actions_example_runs_the_tested_command(
+    tiny_root: Path, tmp_path: Path
+) -> None:
+    workflow = yaml.safe_load((REPO / "docs" / "github-actions.yml").read_text("utf-8"))
+    runs = [step.get("run", "") for step in workflow["jobs"]["materialize"]["steps"]]
+    [command] = [shlex.split(r) for r in runs if "asset materialize" in r]
+    assert command[:5] == [".venv/bin/dagster", "asset", "materialize", "-m", "assets.definitions"]
+    selection = command[command.index("--select") + 1]
+    graph = build_definitions(tiny_root, tmp_path).resolve_asset_graph()
+    assert _keys(selection, graph) == {k.to_user_string() for k in graph.get_all_asset_keys()}
 
 
 def _cli(home: Path, data_root: Path, artifacts: Path, *args: str):

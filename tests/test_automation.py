@@ -116,8 +116,8 @@ def two_tasks(baseline: Path, tmp_path: Path) -> Iterator[TwoTasks]:
         yield TwoTasks(data_root, artifacts, build_definitions(data_root, artifacts), instance)
 
 
-def test_downstream_assets_carry_the_retrain_condition(two_tasks: TwoTasks) -> None:
-    graph = two_tasks.graph
+def test_downstream_assets_carry_the_retrain_condition(tiny_root: Path, tmp_path: Path) -> None:
+    graph = build_definitions(tiny_root, tmp_path).resolve_asset_graph()
     for key in graph.materializable_asset_keys:
         assert graph.get(key).automation_condition == RETRAIN, key
     assert graph.get(dg.AssetKey(["digits", "raw_images"])).automation_condition is None
@@ -255,3 +255,15 @@ def test_task_folder_sensor_says_to_reload(tiny_copy: Path, tmp_path: Path) -> N
     text = message()
     assert "new task folder(s) 印花" in text and "task folder(s) pattern removed" in text
     assert "Reload the code location" in text
+
+
+def test_a_fresh_data_root_is_built_after_its_first_observation(
+    tiny_root: Path, tmp_path: Path
+) -> None:
+    with dg.instance_for_test() as instance:
+        fresh = TwoTasks(tiny_root, tmp_path, build_definitions(tiny_root, tmp_path), instance)
+        first = fresh.tick()
+        assert first.total_requested == 0  # nothing observed yet: the raw folders are missing
+        fresh.observe()
+        graph = fresh.graph
+        assert requested(fresh.tick(first.cursor), graph) == set(graph.materializable_asset_keys)

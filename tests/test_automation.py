@@ -1,7 +1,8 @@
 """Only stale pieces rerun: staleness and automation judged on the Dagster instance's records.
 
-Each test starts from two fully materialised tasks (a copy of the session's materialisation,
-rerun once so that this test's instance holds the records) and changes one thing.
+The scenario tests start from two fully materialised tasks (a copy of the session's
+materialisation, rerun once so that an instance holds the records; each test gets a private
+copy of data, artifacts and instance) and change one thing.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""The code location: one asset group per task folder under ``MTMC_DATA_ROOT``.
+"""The code location: one asset group per task folder under ``MTMC_DATA_ROOT``, and the
+automation that keeps them up to date (:mod:`assets.automation`).
 
 Tasks are discovered when the code location loads; a new task folder appears after a reload
-(``dagster dev`` reloads on the UI's "Reload" button).
+(``dagster dev`` reloads on the UI's "Reload" button), and the ``task_folders`` sensor says so.
 """
 
 from __future__ import annotations
@@ -12,11 +13,18 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets.factory import build_leaderboard, build_task_assets
+from assets import automation
+from assets.factory import build_leaderboard, build_task_assets, task_key
 from assets.resources import default_resources
 from mtmc_pipeline.layout import DataRootError, discover_tasks
 
 log = logging.getLogger(__name__)
+
+
+# What each step's process finds already imported: torch and the assets (this module), and the
+# instance's SQLite storage, which a step otherwise imports itself (~0.5 s per step: most of a
+# step that reuses its stored output).
+PRELOAD = [__name__, "dagster._core.storage.sqlite_storage"]
 
 
 def data_root() -> Path:
@@ -37,16 +45,22 @@ def build_definitions(
     for task in tasks:
         assets.extend(build_task_assets(task, root))
     assets.append(build_leaderboard(tasks))
+    raw_keys = [dg.AssetKey([task_key(t), "raw_images"]) for t in tasks]
+    schedules = [automation.nightly_schedule()]
+    if raw_keys:
+        schedules.append(automation.observe_schedule(raw_keys))
     max_concurrent = int(os.environ.get("MTMC_MAX_CONCURRENT", str(os.cpu_count() or 1)))
     return dg.Definitions(
         assets=assets,
+        schedules=schedules,
+        sensors=[automation.automation_sensor(), automation.task_folder_sensor(root, tasks)],
         resources=default_resources(artifacts_root),
-        # forkserver: each step forks from a process that has already imported torch and this
-        # module, instead of paying several seconds of imports per step
+        # forkserver: each step forks from a process that has already imported PRELOAD,
+        # instead of paying several seconds of imports per step
         executor=dg.multiprocess_executor.configured(
             {
                 "max_concurrent": max_concurrent,
-                "start_method": {"forkserver": {"preload_modules": [__name__]}},
+                "start_method": {"forkserver": {"preload_modules": PRELOAD}},
             }
         ),
     )

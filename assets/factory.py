@@ -15,6 +15,7 @@ from typing import Any
 import dagster as dg
 from anyascii import anyascii
 
+from assets.automation import RETRAIN
 from assets.config import (
     CalibrationOverrides,
     EvaluationOverrides,
@@ -134,6 +135,7 @@ def build_task_assets(task: str, data_root: Path) -> list[Any]:
             "deps": [keys[u] for u in upstream],
             "group_name": tk,
             "code_version": stages.CODE_VERSIONS[stage],
+            "automation_condition": RETRAIN,
             "tags": tags,
             "check_specs": [
                 dg.AssetCheckSpec(name, asset=keys[stage], blocking=blocking, description=desc)
@@ -262,6 +264,7 @@ def build_leaderboard(tasks: list[str]) -> dg.AssetsDefinition:
         deps=deps,
         group_name="summary",
         code_version=stages.CODE_VERSIONS["leaderboard"],
+        automation_condition=RETRAIN,
         description="One row per task: data counts, model, metrics, calibration, when trained.",
     )
     def leaderboard(artifacts: ArtifactStore) -> dg.MaterializeResult:

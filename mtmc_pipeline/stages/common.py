@@ -16,8 +16,6 @@ from typing import Any
 
 from mtmc_pipeline.artifacts import fingerprint, stored_fingerprint
 
-# Bump a stage's version whenever its logic changes what it writes: its output and everything
-# downstream then count as stale (Dagster shows it, and fingerprints stop matching).
 CODE_VERSIONS: dict[str, str] = {
     "raw_images": "1",
     "inventory": "1",
@@ -29,6 +27,18 @@ CODE_VERSIONS: dict[str, str] = {
     "calibration": "1",
     "leaderboard": "1",
 }
+"""Each stage's code version: its Dagster ``code_version`` and part of its input fingerprint.
+
+Policy: bump a stage's version (to the next integer, as a string) in the same commit as a
+change to what the stage writes for the same inputs and settings: a new or renamed column,
+different split, training, metric or calibration logic, a fixed bug in the output. Dagster
+then marks that stage stale, the automation sensor reruns it (``code_version_changed``), and
+every stage after it recomputes because its input fingerprint changed; stages before it are
+untouched (a new ``evaluation`` version reruns evaluation and calibration, not the model).
+
+Do not bump it for refactors, logging, UI-only metadata or speed-ups that write the same
+output: a needless bump retrains every task. Settings need no bump: they are fingerprinted.
+"""
 
 
 @dataclass(frozen=True)

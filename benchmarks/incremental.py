@@ -1,0 +1,146 @@
+"""Only stale pieces rerun: what a forced full run costs when nothing, or one task, changed.
+
+Runs the CI command ``dagster asset materialize -m assets.definitions --select '*'`` on the
+demo data in a fresh instance and artifact root:
+
+1. the first run (everything computed);
+2. the same command again with nothing changed (median of ``--repeats`` runs);
+3. after adding ``--images`` new images to one task, once per task.
+
+Each run is timed as a whole process (start-up included, as a CI job sees it), and the
+instance's records say which assets were recomputed and which reused their stored output.
+
+    .venv/bin/python benchmarks/incremental.py            # the full demo (several minutes)
+    .venv/bin/python benchmarks/incremental.py --small    # the tiny test data (a quick look)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import NamedTuple
+
+import dagster as dg
+from dagster._core.events import DagsterEventType
+from PIL import Image, UnidentifiedImageError
+
+from mtmc_pipeline.demo import write_demo
+
+REPO = Path(__file__).resolve().parents[1]
+DAGSTER = Path(sys.executable).with_name("dagster")
+
+
+def add_images(task_dir: Path, count: int) -> list[Path]:
+    """``count`` new images: mirrored copies of the task's first readable images."""
+    added: list[Path] = []
+    for src in sorted(p for p in task_dir.rglob("*") if p.suffix in {".png", ".jpg"}):
+        if len(added) == count:
+            break
+        try:
+            with Image.open(src) as img:
+                mirrored = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                dst = src.with_name(f"new_{len(added)}_{src.name}")
+                mirrored.save(dst)
+        except (OSError, UnidentifiedImageError):
+            continue  # the demo's planted broken files
+        added.append(dst)
+    return added
+
+
+class Bench:
+    def __init__(self, workdir: Path):
+        self.data, self.artifacts, self.home = (workdir / n for n in ("data", "artifacts", "home"))
+        self.home.mkdir(parents=True)
+        shutil.copy(REPO / ".dagster" / "dagster.yaml", self.home / "dagster.yaml")
+
+    def materialize(self) -> tuple[float, dict[str, Step]]:
+        """Wall seconds of the CI command, and what each asset's step did."""
+        env = {
+            **os.environ,
+            "DAGSTER_HOME": str(self.home),
+            "MTMC_DATA_ROOT": str(self.data),
+            "MTMC_ARTIFACTS": str(self.artifacts),
+        }
+        cmd = [str(DAGSTER), "asset", "materialize", "-m", "assets.definitions", "--select", "*"]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        return seconds, self.last_run()
+
+    def last_run(self) -> dict[str, Step]:
+        """From the instance's records: each materialisation's ``reused`` and ``elapsed_s``."""
+        with dg.DagsterInstance.from_config(str(self.home)) as instance:
+            [run] = instance.get_runs(limit=1)
+            events = instance.all_logs(run.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION)
+        out = {}
+        for e in events:
+            mat = e.dagster_event.event_specific_data.materialization
+            md = mat.metadata
+            elapsed = md["elapsed_s"].value if "elapsed_s" in md else 0.0
+            out[mat.asset_key.to_user_string()] = Step(bool(md["reused"].value), float(elapsed))
+        return out
+
+
+class Step(NamedTuple):
+    reused: bool
+    elapsed_s: float
+
+
+def recomputed(steps: dict[str, Step]) -> str:
+    """Recomputed assets per group, e.g. ``digits 7, summary 1``."""
+    groups = Counter(k.split("/")[0] for k, step in steps.items() if not step.reused)
+    return ", ".join(f"{g} {n}" for g, n in sorted(groups.items())) or "none"
+
+
+def compute_seconds(steps: dict[str, Step], group: str) -> float:
+    return sum(s.elapsed_s for k, s in steps.items() if k.startswith(f"{group}/"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", action="store_true", help="the tiny test data set")
+    parser.add_argument("--images", type=int, default=5, help="images added to one task")
+    parser.add_argument("--repeats", type=int, default=3, help="no-change runs (median)")
+    parser.add_argument("--workdir", type=Path, help="keep data, artifacts and instance here")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.workdir or Path(tmp)
+        bench = Bench(workdir)
+        tasks = sorted(write_demo(bench.data, small=args.small))
+        rows = []
+        first, steps = bench.materialize()
+        rows.append(("first run", first, recomputed(steps)))
+        shares = {t: compute_seconds(steps, t) for t in tasks}
+
+        repeats = [bench.materialize() for _ in range(args.repeats)]
+        changed = [recomputed(steps) for _, steps in repeats if recomputed(steps) != "none"]
+        assert not changed, f"unchanged assets were recomputed: {changed}"
+        rows.append(("no change", statistics.median(s for s, _ in repeats), "none"))
+
+        for task in tasks:
+            add_images(bench.data / task, args.images)
+            seconds, steps = bench.materialize()
+            rows.append((f"+{args.images} images in {task}", seconds, recomputed(steps)))
+
+    print("| forced `--select '*'` | wall s | × first run | recomputed assets |")
+    print("|---|---|---|---|")
+    for name, seconds, what in rows:
+        print(f"| {name} | {seconds:.1f} | {seconds / first:.2f} | {what} |")
+    total = sum(shares.values())
+    print("\nThe first run's compute (the steps' own elapsed_s, start-up excluded):")
+    print(", ".join(f"{t} {s:.0f} s ({s / total:.0%})" for t, s in shares.items()))
+
+
+if __name__ == "__main__":
+    main()

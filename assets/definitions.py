@@ -36,15 +36,17 @@ def build_definitions(
 ) -> dg.Definitions:
     """Definitions for every task under ``root`` (default ``MTMC_DATA_ROOT``)."""
     root = root or data_root()
+    root_problem = None
     try:
         tasks = discover_tasks(root)
     except DataRootError as e:
-        log.warning("%s; the code location has no task assets", e)
+        root_problem = f"MTMC_DATA_ROOT: {e}"
+        log.warning("%s; the code location has no task assets", root_problem)
         tasks = []
     assets: list = []
     for task in tasks:
         assets.extend(build_task_assets(task, root))
-    assets.append(build_leaderboard(tasks))
+    assets.append(build_leaderboard(tasks, root_problem))
     raw_keys = [dg.AssetKey([task_key(t), "raw_images"]) for t in tasks]
     schedules = [automation.nightly_schedule()]
     if raw_keys:

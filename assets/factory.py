@@ -255,8 +255,13 @@ def build_task_assets(task: str, data_root: Path) -> list[Any]:
     ]
 
 
-def build_leaderboard(tasks: list[str]) -> dg.AssetsDefinition:
-    """``summary/leaderboard``: one row per task, from every task's latest results."""
+def build_leaderboard(tasks: list[str], root_problem: str | None = None) -> dg.AssetsDefinition:
+    """``summary/leaderboard``: one row per task, from every task's latest results.
+
+    ``root_problem`` says why the data root could not be read; the leaderboard then fails with
+    it, so ``--select '*'`` on a mistyped ``MTMC_DATA_ROOT`` exits non-zero instead of
+    materialising an empty summary.
+    """
     deps = [dg.AssetKey([task_key(t), "calibration"]) for t in tasks]
 
     @dg.asset(
@@ -268,6 +273,8 @@ def build_leaderboard(tasks: list[str]) -> dg.AssetsDefinition:
         description="One row per task: data counts, model, metrics, calibration, when trained.",
     )
     def leaderboard(artifacts: ArtifactStore) -> dg.MaterializeResult:
+        if root_problem:
+            raise dg.Failure(description=root_problem)
         result = stages.run_leaderboard(artifacts.path, tasks)
         return dg.MaterializeResult(
             data_version=dg.DataVersion(result.fingerprint), metadata=stage_metadata(result)

@@ -95,3 +95,15 @@ def test_leaderboard_lists_what_exists(hostile: HostileRun) -> None:
     assert sorted(board["task"]) == sorted(hostile.exp.trainable)
     md = result.get_asset_materialization_events()[0].materialization.metadata
     assert set(md["tasks_without_results"].value) == set(hostile.exp.untrainable)
+
+
+def test_a_missing_data_root_fails_with_the_setting_named(tmp_path: Path) -> None:
+    """A mistyped MTMC_DATA_ROOT loads (so the UI can show it) but fails the run, not silently."""
+    defs = build_definitions(tmp_path / "no_such_root", tmp_path / "artifacts")
+    job = defs.resolve_implicit_global_asset_job_def()
+    with dg.instance_for_test() as instance:
+        result = job.execute_in_process(instance=instance, raise_on_error=False)
+    assert not result.success
+    failure = result.get_step_failure_events()[0].step_failure_data.error
+    assert "MTMC_DATA_ROOT" in failure.message and "no_such_root" in failure.message
+    assert not (tmp_path / "artifacts" / "summary").exists()

@@ -1,6 +1,7 @@
 """Batch inference throughput of ``mtmc predict``: images/s end to end (decode, resize, model,
 calibration) by batch size, and its two parts alone: decoding by number of threads, the model
-by batch size.
+by batch size, in the channels-last (NHWC) layout the pipeline infers in and, for comparison,
+in PyTorch's default NCHW layout.
 
 Uses a task's real bundle and calibrator (``--artifacts A --task T``), or by default builds a
 throwaway bundle of ``--model`` with random weights: speed does not depend on the weights.
@@ -26,10 +27,10 @@ from PIL import Image
 from mtmc_pipeline.artifacts import write_json
 from mtmc_pipeline.calibrate import Calibrator, threshold_table
 from mtmc_pipeline.config import default_levels
-from mtmc_pipeline.data import fit_square, load_rgb
+from mtmc_pipeline.data import Normalize, fit_square, load_rgb
 from mtmc_pipeline.models import Preprocess, create_model, save_bundle
 from mtmc_pipeline.predict import Predictor
-from mtmc_pipeline.runtime import resolve_runtime
+from mtmc_pipeline.runtime import Runtime, resolve_runtime
 
 
 def write_images(folder: Path, n: int, side: int) -> list[Path]:
@@ -100,7 +101,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=24, help="number of classes (no task)")
     parser.add_argument("--images", type=int, default=256, help="images per measurement")
     parser.add_argument("--side", type=int, default=512, help="side of the generated JPEGs")
-    parser.add_argument("--batch-sizes", default="1,8,32,64")
+    parser.add_argument("--batch-sizes", default="1,8,16,64")
     parser.add_argument("--threads", default="1,2,4", help="decode threads to compare")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the best is kept")
     parser.add_argument("--device", default="auto")
@@ -129,8 +130,10 @@ def main() -> None:
                 len(paths),
                 partial(decode, paths, pre, threads),
             )
+        nchw = nchw_predictor(task_dir, runtime)
         for batch in batches:
             runs[f"model only | {batch} | -"] = (len(x), partial(in_batches, predictor, x, batch))
+            runs[f"model only, NCHW | {batch} | -"] = (len(x), partial(in_batches, nchw, x, batch))
         for batch in batches:
             runs[f"mtmc predict | {batch} | {predictor.decode_threads}"] = (
                 len(paths),
@@ -143,6 +146,14 @@ def main() -> None:
     for name, (n, _) in runs.items():
         wall, cpu = times[name]
         print(f"| {name} | {n / wall:.1f} | {n / cpu:.1f} |")
+
+
+def nchw_predictor(task_dir: Path, runtime: Runtime) -> Predictor:
+    """The same predictor with the model and its input in PyTorch's default layout."""
+    predictor = Predictor(task_dir, runtime)
+    predictor.model.to(memory_format=torch.contiguous_format)
+    predictor.normalize = Normalize(predictor.pre, runtime.device, channels_last=False)
+    return predictor
 
 
 def in_batches(predictor: Predictor, x: np.ndarray, batch: int) -> None:

@@ -126,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--artifacts", default=str(default_artifacts()), help="artifact root")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--batch-size", type=int, help="images per forward pass (default 8 on CPU, 128 on GPU)"
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("summary", help="print each task's metrics and where its reports are")

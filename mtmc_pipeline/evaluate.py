@@ -137,7 +137,7 @@ def evaluate_model(
         info["img_size"], tuple(info["mean"]), tuple(info["std"]), info["interpolation"]
     )
     cache = DecodedCache(cache_root, pre.img_size, pre.interpolation)
-    normalize = Normalize(pre, runtime.device, runtime.channels_last)
+    normalize = Normalize(pre, runtime.device, channels_last=True)
     rows = manifest[manifest["split"].isin(EVAL_SPLITS)].reset_index(drop=True)
     cache.ensure([str(task_dir / r) for r in rows["relpath"]], rows["content_hash"].tolist())
 
@@ -149,7 +149,7 @@ def evaluate_model(
         if part.empty:
             continue
         ds = CachedImageDataset(cache, part["content_hash"], part["label"])
-        logits = predict_logits(model, ds, normalize, runtime, batch_size=256)
+        logits = predict_logits(model, ds, normalize, runtime, runtime.inference_batch_size)
         check_finite(logits, f"{split} split", part["relpath"].tolist())
         labels = part["label"].to_numpy()
         by_split[split] = split_metrics(labels, logits, len(names), config, kind)

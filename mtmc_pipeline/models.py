@@ -152,9 +152,11 @@ def save_bundle(directory: Path, model: nn.Module, info: dict[str, Any]) -> None
 
 
 def load_bundle(directory: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a saved model in eval mode, plus its ``model.json`` contents.
+    """Rebuild a saved model for inference, plus its ``model.json`` contents.
 
     The architecture comes from the JSON and the tensors from safetensors: nothing is unpickled.
+    The model is in eval mode and channels-last (NHWC) memory format, which convolutions run
+    faster in on CPUs (oneDNN) and GPUs alike; feed it with ``Normalize(..., channels_last=True)``.
     """
     info = read_json(directory / MODEL_FILE)
     model = timm.create_model(
@@ -164,7 +166,7 @@ def load_bundle(directory: Path, device: str | torch.device = "cpu") -> tuple[nn
         **_size_kwargs(info["arch"], info.get("img_size")),
     )
     model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
-    return model.to(device).eval(), info
+    return model.to(device, memory_format=torch.channels_last).eval(), info
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -93,7 +93,7 @@ class Predictor:
                 f"{path} was fitted for another model than {task_artifacts / 'model' / MODEL_FILE}"
                 " (retrained since?): materialize the task's evaluation and calibration again"
             )
-        self.normalize = Normalize(self.pre, self.runtime.device, self.runtime.channels_last)
+        self.normalize = Normalize(self.pre, self.runtime.device, channels_last=True)
 
     @torch.no_grad()
     def logits(self, batch: np.ndarray) -> np.ndarray:
@@ -111,15 +111,16 @@ class Predictor:
             )
 
     def predict(
-        self, paths: Iterable[Path], min_precision: float = 0.9, batch_size: int = 64
+        self, paths: Iterable[Path], min_precision: float = 0.9, batch_size: int | None = None
     ) -> pd.DataFrame:
         """One row per path, in order (columns: ``COLUMNS``).
 
-        The next batch is decoded by the thread pool while the model runs on this one.
+        The next batch is decoded by the thread pool while the model runs on this one. Batches
+        default to the runtime's ``inference_batch_size``.
         """
         self.check_min_precision(min_precision)
         rows: list[dict[str, object]] = []
-        chunks = _batches(paths, batch_size)
+        chunks = _batches(paths, batch_size or self.runtime.inference_batch_size)
         with ThreadPoolExecutor(self.decode_threads) as pool:
 
             def submit(chunk: tuple[Path, ...] | None) -> list[Future[np.ndarray | str]]:

@@ -31,9 +31,8 @@ from assets.resources import ArtifactStore, TorchDevice
 from mtmc_pipeline import stages
 from mtmc_pipeline.artifacts import UnsafePathError
 from mtmc_pipeline.config import ConfigError, TaskConfig, load_task_config
+from mtmc_pipeline.errors import DeviceError, PretrainedUnavailableError
 from mtmc_pipeline.layout import DataRootError
-from mtmc_pipeline.models import PretrainedUnavailableError
-from mtmc_pipeline.runtime import DeviceError
 from mtmc_pipeline.splits import TaskDataError
 
 STAGES = (
@@ -206,8 +205,10 @@ def build_task_assets(task: str, data_root: Path) -> list[Any]:
         artifacts: ArtifactStore,
         torch_device: TorchDevice,
     ):
+        from mtmc_pipeline.stages.training import run_training
+
         with user_errors(task_dir):
-            result = stages.run_training(
+            result = run_training(
                 task_dir,
                 artifacts.task(task),
                 resolve("train", config),
@@ -225,8 +226,10 @@ def build_task_assets(task: str, data_root: Path) -> list[Any]:
         artifacts: ArtifactStore,
         torch_device: TorchDevice,
     ):
+        from mtmc_pipeline.stages.reporting import run_evaluation
+
         with user_errors(task_dir):
-            result = stages.run_evaluation(
+            result = run_evaluation(
                 task_dir,
                 artifacts.task(task),
                 resolve("evaluation", config),
@@ -239,8 +242,10 @@ def build_task_assets(task: str, data_root: Path) -> list[Any]:
         description="Per-class precision-threshold tables, temperature and calibrator.",
     )
     def calibration(config: CalibrationOverrides, artifacts: ArtifactStore):  # type: ignore[valid-type]
+        from mtmc_pipeline.stages.reporting import run_calibration
+
         with user_errors(task_dir):
-            result = stages.run_calibration(artifacts.task(task), resolve("calibration", config))
+            result = run_calibration(artifacts.task(task), resolve("calibration", config))
         yield from _events(keys["calibration"], "calibration", result)
 
     return [
@@ -275,7 +280,9 @@ def build_leaderboard(tasks: list[str], root_problem: str | None = None) -> dg.A
     def leaderboard(artifacts: ArtifactStore) -> dg.MaterializeResult:
         if root_problem:
             raise dg.Failure(description=root_problem)
-        result = stages.run_leaderboard(artifacts.path, tasks)
+        from mtmc_pipeline.stages.reporting import run_leaderboard
+
+        result = run_leaderboard(artifacts.path, tasks)
         return dg.MaterializeResult(
             data_version=dg.DataVersion(result.fingerprint), metadata=stage_metadata(result)
         )

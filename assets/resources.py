@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 from pydantic import Field
 
 from mtmc_pipeline.artifacts import TaskArtifacts
-from mtmc_pipeline.runtime import Runtime, resolve_runtime
+
+if TYPE_CHECKING:
+    from mtmc_pipeline.runtime import Runtime
 
 
 class TorchDevice(dg.ConfigurableResource):
@@ -27,6 +30,8 @@ class TorchDevice(dg.ConfigurableResource):
     num_workers: int = Field(0, description="Data loader processes (0: load in the main process).")
 
     def runtime(self) -> Runtime:
+        from mtmc_pipeline.runtime import resolve_runtime  # torch: only in the steps that use it
+
         return resolve_runtime(
             self.device,
             self.precision,  # type: ignore[arg-type]

@@ -19,14 +19,11 @@ from torch import nn
 
 from mtmc_pipeline.artifacts import read_json, write_json
 from mtmc_pipeline.config import ConfigError
+from mtmc_pipeline.errors import PretrainedUnavailableError
 
 WEIGHTS_FILE = "weights.safetensors"
 MODEL_FILE = "model.json"
 _PREFIXES = ("module.", "model.", "_orig_mod.")
-
-
-class PretrainedUnavailableError(RuntimeError):
-    """Pretrained weights were asked for but could not be fetched or read."""
 
 
 def model_name_problem(name: str) -> str | None:

@@ -8,11 +8,9 @@ from typing import Literal
 
 import torch
 
+from mtmc_pipeline.errors import DeviceError
+
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-
-
-class DeviceError(ValueError):
-    """The requested device or precision is not available on this machine."""
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ from mtmc_pipeline import stages
 from mtmc_pipeline.artifacts import TaskArtifacts
 from mtmc_pipeline.config import load_task_config
 from mtmc_pipeline.runtime import resolve_runtime
+from mtmc_pipeline.stages.reporting import run_calibration, run_evaluation
+from mtmc_pipeline.stages.training import run_training
 
 
 def run(data_root: Path, artifacts: Path, task: str, overrides: dict) -> None:
@@ -26,9 +28,9 @@ def run(data_root: Path, artifacts: Path, task: str, overrides: dict) -> None:
         ("integrity", lambda: stages.run_integrity(task_dir, art, cfg.integrity)),
         ("splits", lambda: stages.run_splits(art, cfg.split)),
         ("sampling_weights", lambda: stages.run_sampling(art, cfg.sampling)),
-        ("model", lambda: stages.run_training(task_dir, art, cfg.train, runtime, lambda _: None)),
-        ("evaluation", lambda: stages.run_evaluation(task_dir, art, cfg.evaluation, runtime)),
-        ("calibration", lambda: stages.run_calibration(art, cfg.calibration)),
+        ("model", lambda: run_training(task_dir, art, cfg.train, runtime, lambda _: None)),
+        ("evaluation", lambda: run_evaluation(task_dir, art, cfg.evaluation, runtime)),
+        ("calibration", lambda: run_calibration(art, cfg.calibration)),
     ]
     for name, step in steps:
         print(f"START {name}", flush=True)

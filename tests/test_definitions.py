@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -75,3 +78,17 @@ def test_non_ascii_task_names_get_safe_stable_keys(tmp_path: Path) -> None:
 def test_missing_data_root_still_loads(tmp_path: Path) -> None:
     defs = build_definitions(tmp_path / "nope", tmp_path / "artifacts")
     assert _keys(defs) == {"summary/leaderboard"}
+
+
+def test_the_code_location_loads_without_torch(tiny_root: Path) -> None:
+    """The UI, the daemon and every CLI run load the code location; torch is for the steps."""
+    probe = (
+        "import sys, assets.definitions as d; "
+        "assert d.defs.resolve_asset_graph().get_all_asset_keys(); "
+        "print(sorted(m for m in ('torch', 'timm', 'sklearn', 'scipy') if m in sys.modules))"
+    )
+    env = {**os.environ, "MTMC_DATA_ROOT": str(tiny_root)}
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"

@@ -1,7 +1,10 @@
 """The pipeline's stages as plain functions: read inputs from the artifact root, reuse or
 recompute, write outputs atomically, and report what a person wants to see.
 
-This package knows nothing of Dagster; ``assets/`` wraps one function of it per asset.
+This package knows nothing of Dagster; ``assets/`` wraps one function of it per asset. The
+stages that need torch live in ``stages.training`` (the model) and ``stages.reporting``
+(evaluation, calibration, leaderboard) and are imported from there, not re-exported here, so
+that loading the code location does not import torch.
 """
 
 from mtmc_pipeline.stages.common import (
@@ -18,8 +21,6 @@ from mtmc_pipeline.stages.prepare import (
     run_sampling,
     run_splits,
 )
-from mtmc_pipeline.stages.reporting import run_calibration, run_evaluation, run_leaderboard
-from mtmc_pipeline.stages.training import run_training
 
 __all__ = [
     "CODE_VERSIONS",
@@ -28,12 +29,8 @@ __all__ = [
     "Png",
     "StageResult",
     "observe_raw",
-    "run_calibration",
-    "run_evaluation",
     "run_integrity",
     "run_inventory",
-    "run_leaderboard",
     "run_sampling",
     "run_splits",
-    "run_training",
 ]

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 FINGERPRINT_KEY = b"mtmc.fingerprint"
+DATA_VERSION_KEY = b"mtmc.data_version"
 META_KEY = b"mtmc.meta"
 
 
@@ -169,12 +170,16 @@ def write_parquet(
     fp: str | None = None,
     meta: Mapping[str, Any] | None = None,
     schema: pa.Schema | None = None,
+    data_version: str | None = None,
 ) -> None:
-    """Write ``df`` atomically; ``fp`` and ``meta`` go into the schema metadata."""
+    """Write ``df`` atomically; ``fp``, ``data_version`` and ``meta`` go into the schema
+    metadata (see :func:`stored_data_version` for the second)."""
     table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
     extra = dict(table.schema.metadata or {})
     if fp is not None:
         extra[FINGERPRINT_KEY] = fp.encode()
+    if data_version is not None:
+        extra[DATA_VERSION_KEY] = data_version.encode()
     if meta is not None:
         extra[META_KEY] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
     table = table.replace_schema_metadata(extra)
@@ -203,6 +208,20 @@ def stored_fingerprint(path: Path) -> str | None:
     except (OSError, ValueError, pa.ArrowException):
         return None
     return None
+
+
+def stored_data_version(path: Path) -> str | None:
+    """What downstream stages fingerprint an output by: the digest of its content where it
+    records one (the split manifest: unchanged content keeps the model current even when the
+    inputs it was recomputed from changed), else its input fingerprint."""
+    if path.suffix == ".parquet":
+        try:
+            raw = (pq.read_schema(path).metadata or {}).get(DATA_VERSION_KEY)
+        except (OSError, pa.ArrowException):
+            return None
+        if raw:
+            return raw.decode()
+    return stored_fingerprint(path)
 
 
 @contextlib.contextmanager

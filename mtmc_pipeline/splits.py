@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from mtmc_pipeline.artifacts import fingerprint
 from mtmc_pipeline.config import SplitConfig
 
 SPLIT_COLUMNS = ["relpath", "class_name", "label", "split", "fold", "content_hash"]
@@ -127,6 +128,12 @@ def splits_schema(classes: list[str]) -> pa.Schema:
         ]
     )
     return schema.with_metadata({CLASSES_KEY: json.dumps(classes, ensure_ascii=False).encode()})
+
+
+def manifest_fingerprint(manifest: pd.DataFrame, classes: list[str]) -> str:
+    """A digest of everything a manifest decides (files, labels, splits, folds, content)."""
+    rows = manifest[splits_schema(classes).names].sort_values("relpath")
+    return fingerprint("split manifest", classes, rows.to_csv(index=False))
 
 
 def class_names_from_schema(schema: pa.Schema) -> list[str]:

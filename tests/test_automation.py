@@ -7,6 +7,7 @@ copy of data, artifacts and instance) and change one thing.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -144,6 +145,27 @@ def test_new_images_rerun_only_their_task(two_tasks: TwoTasks) -> None:
     assert not any(reused[k] for k in task_assets("digits", "inventory", "model", "evaluation"))
     assert stale_assets(t.instance, t.graph) == set()
     assert t.tick(second.cursor).total_requested == 0
+
+
+def test_same_manifest_keeps_the_model(two_tasks: TwoTasks) -> None:
+    """Every file touched (as a fresh checkout does) and a calibration setting added to
+    task.yaml: the first stages recompute, write the same split manifest, and so the model and
+    its evaluation are reused while calibration follows its new setting."""
+    t = two_tasks
+    task_dir = t.data_root / "pattern"
+    for path in (p for p in task_dir.rglob("*") if p.is_file()):
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    yaml = task_dir / "task.yaml"
+    yaml.write_text(yaml.read_text("utf-8") + "calibration:\n  tolerance: 0.1\n", "utf-8")
+    t.observe()
+    assert stale_assets(t.instance, t.graph) == task_assets("pattern") | {LEADERBOARD}
+
+    reused = t.run(task_assets("pattern") | {LEADERBOARD})
+    recomputed = {k.path[1] for k, was_reused in reused.items() if not was_reused}
+    assert recomputed == {"inventory", "integrity", "splits", "calibration"}
+    assert t.dagster_stale() == set()
+    assert stale_assets(t.instance, t.graph) == set()
 
 
 def test_nightly_schedule_requests_what_is_stale(two_tasks: TwoTasks) -> None:

@@ -1,10 +1,12 @@
 """What every stage shares: code versions, input fingerprints, and the result it reports.
 
-Every stage computes an *input fingerprint* from its upstream outputs' fingerprints, its
+Every stage computes an *input fingerprint* from its upstream outputs' data versions, its
 resolved configuration and its code version. If the stored output was made from the same
-fingerprint it is reused (no decoding, no training) and the result says so. The fingerprint
-is also the stage's data version in Dagster, so an unchanged input never makes a downstream
-stage stale.
+fingerprint it is reused (no decoding, no training) and the result says so. A stage's data
+version (in Dagster, and for the stages after it) is its input fingerprint, except for the
+split manifest, whose data version is a digest of its content: a rerun of the first stages
+that yields the same manifest (files touched, an unrelated ``task.yaml`` edit, a fresh
+checkout) leaves the model, its evaluation and calibration current.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mtmc_pipeline.artifacts import fingerprint, stored_fingerprint
+from mtmc_pipeline.artifacts import fingerprint, stored_data_version
 
 CODE_VERSIONS: dict[str, str] = {
     "raw_images": "1",
@@ -70,8 +72,8 @@ class StageResult:
 
 
 def upstream_fingerprint(path: Path, stage: str) -> str:
-    """The fingerprint stored in an upstream output; a clear error when it is missing."""
-    fp = stored_fingerprint(path)
+    """The data version of an upstream output; a clear error when it is missing."""
+    fp = stored_data_version(path)
     if fp is None:
         raise FileNotFoundError(f"{path} is missing: materialize the {stage!r} stage first")
     return fp

@@ -29,6 +29,7 @@ from mtmc_pipeline.splits import (
     class_split_counts,
     leaking_hashes,
     make_splits,
+    manifest_fingerprint,
     splits_schema,
 )
 from mtmc_pipeline.stages.common import (
@@ -201,7 +202,9 @@ def run_splits(art: TaskArtifacts, config: SplitConfig) -> StageResult:
             fp,
             meta={"split_config": config.model_dump(), "class_names": classes},
             schema=splits_schema(classes),
+            data_version=manifest_fingerprint(manifest, classes),
         )
+    content = upstream_fingerprint(art.splits, "splits")
     inventory_classes = sorted(af.read_parquet(art.inventory)["class_name"].unique())
     md = {
         "images": len(manifest),
@@ -211,7 +214,7 @@ def run_splits(art: TaskArtifacts, config: SplitConfig) -> StageResult:
         "path": str(art.splits),
     }
     record_elapsed(md, start)
-    return StageResult(fp, reused, md, splits_checks(manifest, classes, inventory_classes))
+    return StageResult(content, reused, md, splits_checks(manifest, classes, inventory_classes))
 
 
 def splits_checks(

@@ -67,15 +67,9 @@ class BatchAugment:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
         dev = x.device
-        boxes = self.crop_boxes(n, h, w, dev).to(x.dtype)
-        # crops are never larger than the output, so one bilinear sample per output pixel
-        # (sampling_ratio=1) is exact upsampling; more samples per bin would blur
-        x = roi_align(
-            x, boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=1, aligned=True
-        )
+        x = resized_crops(x, self.crop_boxes(n, h, w, dev).to(x.dtype))
         if self.s.hflip:
-            flip = (torch.rand(n, generator=self.generator) < 0.5).to(dev)
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            x = hflips(x, (torch.rand(n, generator=self.generator) < 0.5).to(dev))
         return self.color_jitter(x)
 
     def color_jitter(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,6 +96,25 @@ class BatchAugment:
             m = _YIQ_TO_RGB.to(dev, x.dtype) @ rot @ _RGB_TO_YIQ.to(dev, x.dtype)
             x = torch.einsum("nij,njhw->nihw", m, x)
         return x.clamp(0, 255)
+
+
+def resized_crops(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Crop box i (batch index, x1, y1, x2, y2) of each image, resized back to the input size.
+
+    Bilinear, as torchvision's ``resized_crop`` without antialiasing (the same sample points);
+    at the crop's edge the interpolation may reach pixels just outside it, where torchvision
+    repeats the edge. Crops are never larger than the output, so one sample per output pixel
+    (``sampling_ratio=1``) is exact upsampling; more samples per bin would blur.
+    """
+    h, w = x.shape[-2:]
+    return roi_align(
+        x, boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=1, aligned=True
+    )
+
+
+def hflips(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Mirror the images whose ``flip`` (N,) entry is true."""
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
 def randaugment(config: TrainConfig) -> v2.RandAugment | None:

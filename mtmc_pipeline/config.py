@@ -109,11 +109,14 @@ class TrainConfig(_Section):
         64, ge=2, description="Images per optimisation step (batch norm needs at least 2)."
     )
     optimizer: Literal["adamw", "sgd", "adam", "radam"] = Field(
-        "adamw", description="adamw, sgd (Nesterov momentum), adam or radam."
+        "adamw", description="adamw, sgd (with momentum; see nesterov), adam or radam."
     )
     lr: float = Field(1e-3, gt=0, description="Peak learning rate, reached after warmup.")
     weight_decay: float = Field(0.05, ge=0, description="Not applied to norm layers and biases.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    nesterov: bool = Field(
+        True, description="SGD: Nesterov momentum (timm's sgd); false: classical (timm's momentum)."
+    )
     scheduler: Literal["cosine", "step", "multistep", "plateau", "warm_restarts"] = Field(
         "cosine",
         description="Learning-rate schedule after warmup: cosine decay, step, multistep, "
@@ -151,12 +154,18 @@ class TrainConfig(_Section):
     )
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="For ce, bce and mixup targets.")
     focal_gamma: float = Field(2.0, ge=0, description="Focusing exponent of the focal loss.")
+    focal_alpha: list[float] | None = Field(
+        None,
+        description="Focal loss alpha: one weight per class (in class order) for its term, or a "
+        "single number for every class (the paper's alpha of the positive term; softmax focal "
+        "loss has no negative terms, so one number only scales the loss).",
+    )
     ghm_bins: int = Field(10, ge=1, description="GHM-C: gradient-norm bins.")
     ghm_momentum: float = Field(0.75, ge=0, lt=1, description="GHM-C: bin count moving average.")
     class_weights: bool = Field(
         False,
-        description="Weight each class's loss term (focal: its alpha) by the sampling stage's "
-        "class_weight; an alternative to balanced_sampling, rarely useful with it.",
+        description="Weight each class's loss term by the sampling stage's class_weight (focal: "
+        "on top of focal_alpha); an alternative to balanced_sampling, rarely useful with it.",
     )
     balanced_sampling: bool = Field(True, description="Draw train images by sampling weights.")
     freeze_epochs: int = Field(0, ge=0, description="Epochs that train only the head.")
@@ -196,6 +205,27 @@ class TrainConfig(_Section):
         if not milestones or milestones[0] < 1 or milestones != sorted(set(milestones)):
             raise ValueError("must be a non-empty, strictly increasing list of epochs >= 1")
         return milestones
+
+    @field_validator("focal_alpha", mode="before")
+    @classmethod
+    def _one_alpha_is_a_list_of_one(cls, alpha: Any) -> Any:
+        """A bare number (task.yaml) becomes [number]; the launchpad takes lists only."""
+        return [alpha] if isinstance(alpha, int | float) and not isinstance(alpha, bool) else alpha
+
+    @field_validator("focal_alpha")
+    @classmethod
+    def _alpha_is_a_weight(cls, alpha: list[float] | None) -> list[float] | None:
+        if alpha is not None and (not alpha or any(a < 0 for a in alpha)):
+            raise ValueError("must be a number >= 0 or a non-empty list of them, one per class")
+        return alpha
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> TrainConfig:
+        if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
+            raise ValueError(
+                "nesterov = true needs momentum > 0 with optimizer sgd (set nesterov: false)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _mixing_needs_pairs(self) -> TrainConfig:

@@ -1,8 +1,8 @@
 """Classification losses used in MTMC practice.
 
 - ``ce``: cross-entropy with label smoothing.
-- ``focal``: softmax focal loss, Lin et al. 2017 (down-weights easy examples by (1 - p_t)^gamma;
-  the per-class alpha of the paper is the optional class weight).
+- ``focal``: softmax focal loss, Lin et al. 2017: down-weights easy examples by (1 - p_t)^gamma
+  and weighs class t's term by alpha_t (``focal_alpha``: one weight per class, or one for all).
 - ``ghm``: GHM-C, Li et al. 2019, on one-vs-rest sigmoid outputs: examples are re-weighted by
   how crowded their gradient-norm bin is, so hordes of easy examples and a few outliers both
   count less (as in mmdetection's ``GHMC``).
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtmc_pipeline.config import TrainConfig
+from mtmc_pipeline.config import ConfigError, TrainConfig
 
 
 def soft_targets(target: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
@@ -59,15 +59,37 @@ class CrossEntropy(_WeightedLoss):
 
 
 class FocalLoss(_WeightedLoss):
-    def __init__(self, gamma: float = 2.0, weight: torch.Tensor | None = None) -> None:
+    """-sum_c y_c alpha_c (1 - p_c)^gamma log p_c per sample; ``alpha`` (C,) or None (all 1)."""
+
+    def __init__(
+        self,
+        gamma: float = 2.0,
+        weight: torch.Tensor | None = None,
+        alpha: torch.Tensor | None = None,
+    ) -> None:
         super().__init__(weight)
         self.gamma = gamma
+        self.register_buffer("alpha", alpha)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         y = soft_targets(target, logits.shape[1])
         logp = F.log_softmax(logits.float(), dim=1)
-        per_sample = -(y * (1 - logp.exp()) ** self.gamma * logp).sum(1)
-        return self._reduce(per_sample, y)
+        terms = y * (1 - logp.exp()) ** self.gamma * logp
+        if self.alpha is not None:
+            terms = terms * self.alpha
+        return self._reduce(-terms.sum(1), y)
+
+
+def focal_alpha(alpha: list[float] | None, num_classes: int) -> torch.Tensor | None:
+    """``train.focal_alpha`` as one weight per class (a single value applies to every class)."""
+    if alpha is None:
+        return None
+    if len(alpha) not in (1, num_classes):
+        raise ConfigError(
+            f"train.focal_alpha = {alpha}: {len(alpha)} weights for {num_classes} classes; "
+            "give one per class, in class order, or a single number"
+        )
+    return torch.tensor(alpha * (num_classes // len(alpha)), dtype=torch.float32)
 
 
 class GHMCLoss(_WeightedLoss):
@@ -127,7 +149,8 @@ def build_loss(
     if config.loss == "ce":
         return CrossEntropy(config.label_smoothing, class_weight)
     if config.loss == "focal":
-        return FocalLoss(config.focal_gamma, class_weight)
+        alpha = focal_alpha(config.focal_alpha, num_classes)
+        return FocalLoss(config.focal_gamma, class_weight, alpha)
     if config.loss == "ghm":
         return GHMCLoss(config.ghm_bins, config.ghm_momentum, class_weight)
     if config.loss == "bce":

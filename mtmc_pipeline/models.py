@@ -79,13 +79,17 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
-    """Load every tensor whose name and shape match; return the names that were skipped."""
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Load every tensor whose name and shape match (``strict=False``).
+
+    Returns the file's tensors that were skipped (unknown name or other shape) and the
+    model's tensors that were missing from the file (they keep their initialisation).
+    """
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     skipped = sorted(set(state) - set(usable))
-    model.load_state_dict(usable, strict=False)
-    return skipped
+    missing = sorted(model.load_state_dict(usable, strict=False).missing_keys)
+    return skipped, missing
 
 
 def create_model(
@@ -118,10 +122,12 @@ def create_model(
             f"train.model = {arch!r} ({settings}): timm cannot build it: {e}"
         ) from None
     if pretrained_path:
-        skipped = load_matching(model, read_weights(Path(pretrained_path)))
+        state = read_weights(Path(pretrained_path))
+        skipped, missing = load_matching(model, state)
         log(
-            f"loaded {pretrained_path}; skipped {len(skipped)} tensors"
-            + (f" (e.g. {', '.join(skipped[:5])})" if skipped else "")
+            f"loaded {len(state) - len(skipped)} tensors from {pretrained_path}; "
+            f"skipped {len(skipped)} (other name or shape): {', '.join(skipped) or '-'}; "
+            f"missing {len(missing)} (kept as initialised): {', '.join(missing) or '-'}"
         )
     return model
 

@@ -69,6 +69,32 @@ def _set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
             p.requires_grad_(trainable)
 
 
+def _freeze_backbone_norms(model: nn.Module) -> None:
+    """Batch norm layers outside the head to eval mode (after ``model.train()``), so a frozen
+    backbone keeps its running statistics too, not only its weights."""
+    classifier = model.get_classifier()
+    head = {id(m) for m in classifier.modules()} if isinstance(classifier, nn.Module) else set()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in head:
+            m.eval()
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """timm's optimizer with two parameter groups: weight decay on weight matrices and
+    kernels, none on 1-D parameters (norm scales and shifts, biases)."""
+    opt = config.optimizer
+    if opt == "sgd" and not config.nesterov:
+        opt = "momentum"  # timm's name for SGD with classical momentum
+    return create_optimizer_v2(
+        model,
+        opt=opt,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        momentum=config.momentum,
+        filter_bias_and_bn=True,
+    )
+
+
 def _check_input_size(model: nn.Module, config: TrainConfig, device: torch.device) -> None:
     """Fail before any decoding when the network cannot take ``img_size`` inputs."""
     size = config.img_size
@@ -238,6 +264,8 @@ def train_model(
     if runtime.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     _check_input_size(model, config, runtime.device)
+    cw = None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32)
+    criterion = build_loss(config, num_classes, cw).to(runtime.device)  # fails before decoding
     parameters = sum(p.numel() for p in model.parameters())
 
     cache = DecodedCache(cache_root, config.img_size, pre.interpolation)
@@ -264,16 +292,7 @@ def train_model(
         BatchAugment(AugmentSettings(hflip=config.hflip), generator) if config.augment else None
     )
     mix = mixup(config, num_classes)
-    cw = None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32)
-    criterion = build_loss(config, num_classes, cw).to(runtime.device)
-    optimizer = create_optimizer_v2(
-        model,
-        opt=config.optimizer,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        momentum=config.momentum,
-        filter_bias_and_bn=True,
-    )
+    optimizer = build_optimizer(model, config)
     schedule = build_schedule(optimizer, config, len(loader))
     stepper = _Stepper(model, optimizer, config, runtime)
     ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema else None
@@ -302,6 +321,8 @@ def train_model(
         frozen = epoch < config.freeze_epochs
         _set_backbone_trainable(model, not frozen)
         model.train()
+        if frozen:
+            _freeze_backbone_norms(model)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=runtime.device)
         norm_sum = torch.zeros((), device=runtime.device)

@@ -13,9 +13,10 @@ from safetensors.torch import save_file
 
 from mtmc_pipeline.augment import AugmentSettings, BatchAugment
 from mtmc_pipeline.config import ConfigError, TrainConfig
+from mtmc_pipeline.data import DecodedCache
 from mtmc_pipeline.losses import build_loss
 from mtmc_pipeline.models import PretrainedUnavailableError, create_model
-from mtmc_pipeline.runtime import resolve_runtime
+from mtmc_pipeline.runtime import Runtime, resolve_runtime
 from mtmc_pipeline.train import train_model
 
 
@@ -42,6 +43,24 @@ def test_full_crop_without_jitter_is_identity() -> None:
     assert torch.allclose(BatchAugment(s)(x), x, atol=1e-3)
 
 
+def test_batched_flip_and_crop_match_torchvision() -> None:
+    from torchvision.transforms.v2 import functional as tvf
+
+    from mtmc_pipeline.augment import hflips, resized_crops
+
+    x = torch.rand(2, 3, 16, 16) * 255
+    flipped = hflips(x, torch.tensor([True, False]))
+    assert torch.equal(flipped[0], tvf.hflip(x[0])) and torch.equal(flipped[1], x[1])
+    boxes = torch.tensor([[0, 0, 0, 16, 16], [1, 3, 2, 13, 12]], dtype=torch.float32)
+    out = resized_crops(x, boxes)
+    whole = tvf.resized_crop(x[0], 0, 0, 16, 16, [16, 16], antialias=False)
+    torch.testing.assert_close(out[0], whole, rtol=0, atol=1e-4)
+    # box x 3..13, y 2..12 upsampled to 16 px: the same bilinear samples; only the outermost
+    # output pixels differ (they interpolate towards pixels just outside the crop)
+    part = tvf.resized_crop(x[1], 2, 3, 10, 10, [16, 16], antialias=False)
+    torch.testing.assert_close(out[1, :, 1:-1, 1:-1], part[:, 1:-1, 1:-1], rtol=0, atol=1e-3)
+
+
 @pytest.mark.parametrize("loss", ["ce", "focal", "ghm", "bce"])
 def test_losses_are_finite_and_fall_when_predictions_improve(loss: str) -> None:
     fn = build_loss(TrainConfig(loss=loss), 4)
@@ -54,6 +73,45 @@ def test_losses_are_finite_and_fall_when_predictions_improve(loss: str) -> None:
     assert fn(good, target) < fn(torch.zeros(4, 4), target)
 
 
+def test_focal_alpha_weighs_each_class_as_computed_by_hand() -> None:
+    import math
+
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+    target = torch.tensor([0, 2])
+    alpha, gamma = [0.25, 1.0, 2.0], 2.0
+
+    def term(row: list[float], t: int) -> float:
+        p = math.exp(row[t]) / sum(math.exp(v) for v in row)
+        return -alpha[t] * (1 - p) ** gamma * math.log(p)
+
+    expected = (term([2.0, 0.0, -1.0], 0) + term([0.5, 1.5, 0.0], 2)) / 2
+    got = build_loss(TrainConfig(loss="focal", focal_alpha=alpha), 3)(logits, target)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    plain = build_loss(TrainConfig(loss="focal"), 3)(logits, target).item()
+    one_alpha = build_loss(TrainConfig(loss="focal", focal_alpha=0.25), 3)(logits, target)
+    assert one_alpha.item() == pytest.approx(0.25 * plain, rel=1e-6)
+    with pytest.raises(ConfigError, match=r"train\.focal_alpha = \[1\.0, 2\.0\]: 2 weights for 3"):
+        build_loss(TrainConfig(loss="focal", focal_alpha=[1.0, 2.0]), 3)
+
+
+def test_optimizer_decays_matrices_only_and_sgd_momentum_is_chosen() -> None:
+    from mtmc_pipeline.train import build_optimizer
+
+    model = create_model("test_resnet", 3)
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.05))
+    by_decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in opt.param_groups}
+    assert len(opt.param_groups) == 2 and set(by_decay) == {0.0, 0.05}
+    params = dict(model.named_parameters())
+    assert sum(map(len, by_decay.values())) == len(params)
+    flat = {n for n, p in params.items() if p.ndim <= 1}
+    assert any(n.startswith("bn") or ".bn" in n for n in flat) and "fc.bias" in flat
+    assert {n for n, p in params.items() if id(p) in by_decay[0.0]} == flat
+    for nesterov in (True, False):
+        sgd = build_optimizer(model, TrainConfig(optimizer="sgd", nesterov=nesterov, momentum=0.8))
+        assert isinstance(sgd, torch.optim.SGD)
+        assert all(g["nesterov"] is nesterov and g["momentum"] == 0.8 for g in sgd.param_groups)
+
+
 def test_unknown_model_name_suggests_close_ones() -> None:
     with pytest.raises(ConfigError, match="resnet18"):
         create_model("resnet_18", 3)
@@ -62,13 +120,23 @@ def test_unknown_model_name_suggests_close_ones() -> None:
 def test_pretrained_path_loads_matching_tensors_and_skips_the_head(tmp_path: Path) -> None:
     donor = create_model("test_resnet", 7)
     path = tmp_path / "w.safetensors"
-    save_file({f"module.{k}": v.contiguous() for k, v in donor.state_dict().items()}, str(path))
+    theirs = {k: v.contiguous() for k, v in donor.state_dict().items()}
+    del theirs["layer1.0.bn1.running_var"]  # missing from the file: keeps its initial value
+    save_file({f"module.{k}": v for k, v in theirs.items()} | {"aux.w": torch.ones(2)}, str(path))
     messages: list[str] = []
     model = create_model("test_resnet", 3, pretrained_path=str(path), log=messages.append)
-    mine, theirs = model.state_dict(), donor.state_dict()
-    body = [k for k in mine if not k.startswith("fc.")]
+    mine = model.state_dict()
+    body = [k for k in mine if not k.startswith("fc.") and k in theirs]
     assert body and all(torch.equal(mine[k], theirs[k]) for k in body)
-    assert "skipped 2 tensors" in messages[0] and "fc." in messages[0]
+    assert torch.equal(
+        mine["layer1.0.bn1.running_var"], torch.ones_like(mine["layer1.0.bn1.running_var"])
+    )
+    (message,) = messages
+    assert f"loaded {len(theirs) - 2} tensors from {path}" in message
+    assert "skipped 3 (other name or shape): aux.w, fc.bias, fc.weight;" in message
+    assert message.endswith(
+        "missing 3 (kept as initialised): fc.bias, fc.weight, layer1.0.bn1.running_var"
+    )
 
 
 def test_pretrained_path_problems_are_named(tmp_path: Path) -> None:
@@ -99,29 +167,41 @@ def _manifest() -> tuple[pd.DataFrame, list[str]]:
     ), ["a", "b"]
 
 
-def test_same_seed_same_weights(tmp_path: Path) -> None:
-    from tests.images import image_bytes, write
-
-    manifest, classes = _manifest()
-    for r in manifest.itertuples():
-        write(tmp_path / "data" / r.relpath, image_bytes(seed=int(r.label) * 100 + len(r.relpath)))
+@pytest.mark.parametrize(
+    "runtime",
+    [
+        Runtime(torch.device("cpu"), None),
+        Runtime(torch.device("cpu"), None, channels_last=True, num_workers=1),
+    ],
+    ids=["plain", "channels_last-1-worker"],
+)
+def test_same_seed_same_weights_and_a_retrain_decodes_nothing(
+    tmp_path: Path, runtime: Runtime
+) -> None:
+    manifest, classes = _tiny_task(tmp_path / "data")
     cfg = TrainConfig(model="test_resnet", img_size=16, pretrained=False, epochs=2, batch_size=4)
+    logs: list[list[str]] = [[], []]
     runs = [
         train_model(
             manifest,
             classes,
             None,
             tmp_path / "data",
-            tmp_path / f"cache{i}",
+            tmp_path / "cache",
             cfg,
-            resolve_runtime("cpu"),
-            log=lambda _: None,
+            runtime,
+            log=logs[i].append,
         )
         for i in range(2)
     ]
     s0, s1 = (r.model.state_dict() for r in runs)
     assert all(torch.equal(s0[k], s1[k]) for k in s0)
     assert runs[0].history["train_loss"].tolist() == runs[1].history["train_loss"].tolist()
+    n = len(manifest)
+    assert f"decoded {n} new images into the cache (0 cached)" in logs[0]
+    assert f"decoded 0 new images into the cache ({n} cached)" in logs[1]  # same cache root
+    cache = DecodedCache(tmp_path / "cache", 16, runs[0].preprocess.interpolation)
+    assert cache.ensure(["unreadable"] * n, manifest["content_hash"].tolist()) == 0
 
 
 def _lrs_per_epoch(
@@ -323,6 +403,8 @@ def test_every_option_together_trains(tmp_path: Path) -> None:
         ({"decay_milestones": [20, 10]}, r"train\.decay_milestones = \[20, 10\]"),
         ({"mixup_alpha": 0.2, "batch_size": 33}, r"batch_size = 33: must be even"),
         ({"batch_size": 1}, r"train\.batch_size = 1"),
+        ({"focal_alpha": -1}, r"train\.focal_alpha = -1: must be a number >= 0"),
+        ({"optimizer": "sgd", "momentum": 0}, r"nesterov = true needs momentum > 0"),
     ],
 )
 def test_bad_training_settings_fail_fast_naming_the_setting(
@@ -400,3 +482,105 @@ def test_torch_device_settings_are_checked() -> None:
     for kwargs, message in bad:
         with pytest.raises(DeviceError, match=message):
             TorchDevice(**kwargs).runtime()
+
+
+def test_a_frozen_backbone_keeps_every_weight_and_statistic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mtmc_pipeline.train as train
+
+    manifest, classes = _tiny_task(tmp_path / "data")
+    initial: dict[str, torch.Tensor] = {}
+
+    def recording_create_model(*args: object, **kwargs: object) -> torch.nn.Module:
+        model = create_model(*args, **kwargs)  # type: ignore[arg-type]
+        initial.update({k: v.clone() for k, v in model.state_dict().items()})
+        return model
+
+    monkeypatch.setattr(train, "create_model", recording_create_model)
+    cfg = TrainConfig(
+        model="test_resnet", img_size=16, pretrained=False, epochs=1, batch_size=4, freeze_epochs=1
+    )
+    result = train_model(
+        manifest, classes, None, tmp_path / "data", tmp_path / "cache", cfg,
+        resolve_runtime("cpu"), lambda _: None,
+    )  # fmt: skip
+    after = result.model.state_dict()
+    body = [k for k in after if not k.startswith("fc.")]
+    assert any("running_mean" in k for k in body)
+    changed = [k for k in body if not torch.equal(after[k], initial[k])]
+    assert not changed, changed  # weights, running statistics and batch counters alike
+    assert not torch.equal(after["fc.weight"], initial["fc.weight"])  # the head did train
+
+
+def test_early_stopping_keeps_the_best_epochs_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mtmc_pipeline.train as train
+
+    manifest, classes = _tiny_task(tmp_path / "data")
+    f1 = iter([0.5, 0.9, 0.6, 0.6, 0.95, 0.95])
+    validated: list[dict[str, torch.Tensor]] = []
+
+    def scripted_metrics(_: object) -> dict[str, float]:
+        value = next(f1)
+        return {"accuracy": value, "macro_f1": value, "balanced_accuracy": value}
+
+    def recording_predict(model: torch.nn.Module, *args: object) -> np.ndarray:
+        validated.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_predict(model, *args)
+
+    real_predict = train.predict_logits
+    monkeypatch.setattr(train, "summary_metrics", scripted_metrics)
+    monkeypatch.setattr(train, "predict_logits", recording_predict)
+    messages: list[str] = []
+    cfg = TrainConfig(
+        model="test_resnet", img_size=16, pretrained=False, epochs=6, batch_size=4, patience=2
+    )
+    result = train_model(
+        manifest, classes, None, tmp_path / "data", tmp_path / "cache", cfg,
+        resolve_runtime("cpu"), messages.append,
+    )  # fmt: skip
+    assert len(result.history) == len(validated) == 4  # epochs 3 and 4 brought no gain
+    assert messages[-1] == "early stop: no gain in macro_f1 for 2 epochs"
+    assert result.best_epoch == 1 and result.best_metrics["macro_f1"] == 0.9
+    weights = result.model.state_dict()
+    assert all(torch.equal(weights[k], validated[1][k]) for k in weights)
+    assert not all(torch.equal(weights[k], validated[3][k]) for k in weights)
+
+
+def test_the_model_asset_logs_epochs_and_shows_its_training(
+    tiny_root: Path, tmp_path: Path
+) -> None:
+    import json
+
+    import dagster as dg
+
+    from assets.definitions import build_definitions
+
+    defs = build_definitions(tiny_root, tmp_path)
+    job = defs.resolve_implicit_global_asset_job_def()
+    stages = ["inventory", "integrity", "splits", "sampling_weights", "model"]
+    with dg.instance_for_test() as instance:
+        result = job.execute_in_process(
+            instance=instance,
+            asset_selection=[dg.AssetKey(["digits", s]) for s in stages],
+            run_config={"ops": {"digits__model": {"config": {"epochs": 2}}}},
+        )
+        logged = [e.user_message for e in instance.all_logs(result.run_id)]
+    assert any(m.startswith("epoch 1/2: train_loss ") for m in logged)
+    assert any(m.startswith("epoch 2/2: train_loss ") for m in logged)
+    (event,) = [
+        e
+        for e in result.get_asset_materialization_events()
+        if e.asset_key == dg.AssetKey(["digits", "model"])
+    ]
+    md = event.materialization.metadata
+    assert {"curves", "history", "parameters", "device", "precision", "train_images_per_s"} <= set(
+        md
+    )
+    assert md["parameters"].value > 0 and md["device"].value == "cpu, fp32"
+    assert md["train_images_per_s"].value > 0 and "image/png" in md["curves"].value
+    info = json.loads((tmp_path / "digits" / "model" / "model.json").read_text("utf-8"))
+    assert info["best_epoch"] in (0, 1) and md["best_epoch"].value == info["best_epoch"] + 1
+    assert {"accuracy", "macro_f1", "val_loss"} <= set(info["metrics"])

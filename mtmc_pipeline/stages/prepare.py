@@ -107,7 +107,7 @@ def run_integrity(task_dir: Path, art: TaskArtifacts, config: IntegrityConfig) -
     md = integrity_metadata(df, summary)
     md["path"] = str(art.integrity)
     record_elapsed(md, start, summary.get("decoded", 0), "decoded")
-    return StageResult(fp, reused, md, integrity_checks(df, config))
+    return StageResult(fp, reused, md, integrity_checks(df, config, task_dir))
 
 
 def _previous_integrity(art: TaskArtifacts, config: IntegrityConfig) -> pd.DataFrame | None:
@@ -154,7 +154,9 @@ def integrity_metadata(df: pd.DataFrame, summary: dict[str, Any]) -> dict[str, A
     return md
 
 
-def integrity_checks(df: pd.DataFrame, config: IntegrityConfig) -> dict[str, CheckOutcome]:
+def integrity_checks(
+    df: pd.DataFrame, config: IntegrityConfig, task_dir: Path
+) -> dict[str, CheckOutcome]:
     n = max(len(df), 1)
     errors = int((df["status"] == "error").sum())
     fraction = errors / n
@@ -162,7 +164,7 @@ def integrity_checks(df: pd.DataFrame, config: IntegrityConfig) -> dict[str, Che
     return {
         "error_fraction": CheckOutcome(
             fraction <= config.max_error_fraction,
-            f"{errors} of {len(df)} files ({fraction:.1%}) have errors; "
+            f"{task_dir}: {errors} of {len(df)} files ({fraction:.1%}) have errors; "
             f"allowed {config.max_error_fraction:.1%} (integrity.max_error_fraction)",
             "error",
             {"error_files": errors, "error_fraction": fraction},

@@ -15,6 +15,7 @@ from mtmc_pipeline.artifacts import TaskArtifacts, stored_fingerprint
 from mtmc_pipeline.config import IntegrityConfig, SamplingConfig, ScanConfig, SplitConfig
 from mtmc_pipeline.integrity import (
     DEFAULT_SEVERITY,
+    INTEGRITY_SCHEMA,
     ISSUES,
     Limits,
     check_integrity,
@@ -102,7 +103,11 @@ def run_integrity(task_dir: Path, art: TaskArtifacts, config: IntegrityConfig) -
             task_dir, inventory, config, _previous_integrity(art, config), folders
         )
         af.write_parquet(
-            art.integrity, df, fp, meta={k: v for k, v in summary.items() if k != "decoded"}
+            art.integrity,
+            df,
+            fp,
+            meta={k: v for k, v in summary.items() if k != "decoded"},
+            schema=INTEGRITY_SCHEMA,
         )
     md = integrity_metadata(df, summary)
     md["path"] = str(art.integrity)

@@ -3,7 +3,8 @@
 The layout under the artifact root is a public contract (other tools read these files):
 
     <task>/inventory.parquet  <task>/integrity.parquet  <task>/splits.parquet
-    <task>/sampling_weights.parquet  <task>/model/  <task>/evaluation/  <task>/calibration/
+    <task>/sampling_weights.parquet  <task>/class_weights.parquet
+    <task>/model/  <task>/evaluation/  <task>/calibration/
     summary/leaderboard.parquet
 
 Every file is written to a temporary name in its final directory and renamed into place;

@@ -31,6 +31,7 @@ from typing import IO
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from PIL import Image, ImageFile
 
 from mtmc_pipeline.config import IntegrityConfig
@@ -104,6 +105,29 @@ _SPLIT_ORDER = {"train": 0, "none": 0, "val": 1, "test": 2}
 _IN_MEMORY_LIMIT = 64 * 2**20  # larger files are hashed in blocks and decoded from disk
 PER_FILE_COLUMNS = ["width", "height", "mode", "format", "content_hash", "file_issues", "detail"]
 KEY_COLUMNS = ["relpath", "bytes", "mtime_ns"]
+
+# The stored table's schema, fixed so that it never depends on the data: on a clean task the
+# issue lists would otherwise be inferred as list<null> and the optional columns as null.
+INTEGRITY_SCHEMA = pa.schema(
+    [
+        ("relpath", pa.string()),
+        ("split_dir", pa.string()),
+        ("class_name", pa.string()),
+        ("bytes", pa.int64()),
+        ("mtime_ns", pa.int64()),
+        ("ext", pa.string()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("mode", pa.string()),
+        ("format", pa.string()),
+        ("content_hash", pa.string()),
+        ("file_issues", pa.list_(pa.string())),
+        ("detail", pa.string()),
+        ("issues", pa.list_(pa.string())),
+        ("status", pa.string()),
+        ("perceptual_hash", pa.string()),
+    ]
+)
 
 PerFile = tuple[int | None, int | None, str | None, str | None, str | None, list[str], str | None]
 

@@ -40,8 +40,8 @@ def tree_digest(root: Path) -> str:
             path = Path(dirpath) / name
             st = path.lstat()
             h.update(f"{path.relative_to(root)}|{st.st_mode}|{st.st_mtime_ns}|".encode())
-            if path.is_file() and not path.is_symlink():
-                h.update(path.read_bytes())
+            if path.is_file() and not path.is_symlink() and os.access(path, os.R_OK):
+                h.update(path.read_bytes())  # an unreadable file counts by its mode alone
     return h.hexdigest()
 
 

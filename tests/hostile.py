@@ -89,6 +89,16 @@ class Expectations:
     untrainable: dict[str, list[str]] = field(default_factory=dict)
     # task -> relpaths the scan must list (hostile names included)
     listed: dict[str, list[str]] = field(default_factory=dict)
+    # task -> relpaths that must be decoded as good images (status ok, no issue code)
+    clean: dict[str, list[str]] = field(default_factory=dict)
+    # task -> {task-level finding code: class name}, from the integrity file's metadata
+    findings: dict[str, dict[str, str]] = field(default_factory=dict)
+    # task -> {walk problem: relpath}, from the inventory file's metadata
+    walk_problems: dict[str, dict[str, str]] = field(default_factory=dict)
+    # task -> {skip reason: count}, from the inventory file's metadata
+    skipped: dict[str, dict[str, int]] = field(default_factory=dict)
+    # (task, check) -> words the failed check's description must contain
+    checks_failed: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -148,6 +158,9 @@ def write_hostile_root(root: Path) -> Expectations:
     _write(t / "train/格子/Thumbs.db", b"\xd0\xcf\x11\xe0")
     (t / "train/空类").mkdir(parents=True)  # an empty class folder
     os.mkfifo(t / "train/波点/pipe.jpg")  # reading it would block forever
+    no_read = "train/波点/no permission.png"
+    _write(t / no_read, _encode(_img(PLANTED + 14), "PNG"))
+    (t / no_read).chmod(0)  # root reads it anyway: then it must be decoded like any other
     exp.codes["mixed"] = {rel: code for rel, (_, code) in bad.items() if code}
     exp.codes["mixed"].update(
         {
@@ -158,7 +171,16 @@ def write_hostile_root(root: Path) -> Expectations:
             "train/波点/pipe.jpg": "unreadable",
         }
     )
-    exp.listed["mixed"] = ["train/条纹/深/更深/嵌套 😀.png", "train/条纹/zero bytes.jpg"]
+    nested = "train/条纹/深/更深/嵌套 😀.png"
+    exp.clean["mixed"] = [nested]
+    if os.geteuid() == 0:
+        exp.clean["mixed"].append(no_read)
+    else:
+        exp.codes["mixed"][no_read] = "unreadable"
+    exp.listed["mixed"] = [nested, "train/条纹/zero bytes.jpg", no_read]
+    exp.findings["mixed"] = {"class_without_usable_image": "空类"}
+    exp.walk_problems["mixed"] = {"symlink_loop": "train/格子/loop"}
+    exp.skipped["mixed"] = {"hidden": 2, "os_litter": 1}
     exp.trainable.append("mixed")
 
     # ---- "val_only": a class that exists only in val; still trainable --------------------
@@ -168,6 +190,7 @@ def write_hostile_root(root: Path) -> Expectations:
         _good_images(t, "val", cls, 4, seed=ord(cls) + 50)
     _good_images(t, "val", "only_in_val", 4, seed=99)
     (t / "task.yaml").write_text(FAST_TRAIN, "utf-8")
+    exp.findings["val_only"] = {"class_not_in_train": "only_in_val"}
     exp.trainable.append("val_only")
 
     # ---- untrainable tasks ----------------------------------------------------------------
@@ -186,4 +209,5 @@ def write_hostile_root(root: Path) -> Expectations:
     for i in range(5):
         _write(t / "a" / f"broken_{i}.jpg", b"")
     exp.untrainable["mostly_broken"] = ["error_fraction"]
+    exp.checks_failed[("mostly_broken", "error_fraction")] = ["mostly_broken", "5 of 15 files"]
     return exp

@@ -4,15 +4,32 @@ recomputed from predictions.parquet, and the UI shows the report with its images
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score, precision_recall_fscore_support
 
+from mtmc_pipeline import artifacts as af
+from mtmc_pipeline.artifacts import TaskArtifacts
 from mtmc_pipeline.calibrate import calibration_errors
+from mtmc_pipeline.demo import write_digits
 from mtmc_pipeline.metrics import cross_entropy, softmax
+from mtmc_pipeline.stages.reporting import leaderboard_row
+from tests import stage_runner
 from tests.conftest import Materialized
+
+TEST_SPLIT_TASK = """\
+split:
+  test_fraction: 0.2
+train:
+  model: test_resnet
+  img_size: 16
+  pretrained: false
+  epochs: 1
+  batch_size: 16
+"""
 
 
 def _read(materialized: Materialized, task: str):
@@ -101,3 +118,29 @@ def test_temperature_is_fitted_on_val_and_never_raises_its_nll(
         after["ece"]
     )
     assert temp["nll_after"] <= temp["nll_before"] + 1e-12
+
+
+def test_a_task_with_a_test_split_reports_on_test(tmp_path: Path) -> None:
+    """Headline metrics, realised precision and the leaderboard's ECE all come from test."""
+    write_digits(tmp_path / "data" / "digits", per_class=12)
+    (tmp_path / "data" / "digits" / "task.yaml").write_text(TEST_SPLIT_TASK, "utf-8")
+    stage_runner.run(tmp_path / "data", tmp_path / "artifacts", "digits", {})
+    art = TaskArtifacts(tmp_path / "artifacts", "digits")
+    manifest = af.read_parquet(art.splits)
+    n_test = int((manifest["split"] == "test").sum())
+    assert n_test >= 10  # one or two images of each of the ten classes
+
+    metrics = af.read_json(art.evaluation_dir / "metrics.json")
+    assert metrics["split"] == "test" and metrics["n"] == n_test
+    assert set(metrics["by_split"]) == {"val", "test"}
+    assert metrics["accuracy"] == metrics["by_split"]["test"]["accuracy"]
+    preds = af.read_parquet(art.evaluation_dir / "predictions.parquet")
+    assert (preds["split"] == "test").sum() == n_test
+    assert "## Evaluation on `test`" in (art.evaluation_dir / "report.md").read_text("utf-8")
+
+    realised = af.read_parquet(art.calibration_dir / "realised_precision.parquet")
+    assert len(realised) > 0 and realised["n"].max() <= n_test
+    temperature = af.read_json(art.calibration_dir / "temperature.json")
+    assert temperature["split"] == "val" and temperature["test"]["n"] == n_test
+    row = leaderboard_row(art)
+    assert row["split"] == "test" and row["ece_after"] == temperature["test"]["ece_after"]

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from assets.definitions import build_definitions
+from mtmc_pipeline.artifacts import parquet_meta
 from tests.conftest import tree_digest
 from tests.hostile import Expectations, write_hostile_root
 
@@ -58,6 +59,32 @@ def test_every_problem_is_recorded_with_its_code(hostile: HostileRun) -> None:
             assert code in issues[rel], f"{task}/{rel}: {issues[rel]} lacks {code}"
 
 
+def test_good_files_are_decoded_normally(hostile: HostileRun) -> None:
+    """Odd names and deep folders are no problem; as root, a mode-0 file is readable too."""
+    for task, rels in hostile.exp.clean.items():
+        integrity = pd.read_parquet(hostile.artifacts / task / "integrity.parquet")
+        rows = integrity.set_index("relpath").loc[rels]
+        assert (rows["status"] == "ok").all(), rows[["status", "issues", "detail"]]
+        assert (rows["issues"].map(len) == 0).all() and (rows["width"] == 24).all()
+
+
+def test_task_findings_are_recorded(hostile: HostileRun) -> None:
+    for task, expected in hostile.exp.findings.items():
+        findings = parquet_meta(hostile.artifacts / task / "integrity.parquet")["task_findings"]
+        found = {(f["code"], f["class_name"]) for f in findings}
+        assert set(expected.items()) <= found, findings
+
+
+def test_walk_problems_and_skipped_files_are_counted(hostile: HostileRun) -> None:
+    for task, expected in hostile.exp.walk_problems.items():
+        meta = parquet_meta(hostile.artifacts / task / "inventory.parquet")
+        found = {(p["problem"], p["relpath"]) for p in meta["problems"]}
+        assert set(expected.items()) <= found, meta["problems"]
+    for task, counts in hostile.exp.skipped.items():
+        skipped = parquet_meta(hostile.artifacts / task / "inventory.parquet")["skipped"]
+        assert {reason: skipped.get(reason) for reason in counts} == counts, skipped
+
+
 def test_hostile_names_are_listed(hostile: HostileRun) -> None:
     for task, rels in hostile.exp.listed.items():
         inventory = pd.read_parquet(hostile.artifacts / task / "inventory.parquet")
@@ -81,6 +108,17 @@ def test_untrainable_tasks_fail_alone_with_a_clear_message(hostile: HostileRun) 
         assert not (hostile.artifacts / task / "model").exists()
     trainable_failed = [s for s in failures if s.split("__")[0] in hostile.exp.trainable]
     assert not trainable_failed
+
+
+def test_failed_checks_say_where_and_how_much(hostile: HostileRun) -> None:
+    evaluations = {
+        (e.asset_key.path[0], e.check_name): e for e in hostile.result.get_asset_check_evaluations()
+    }
+    for key, words in hostile.exp.checks_failed.items():
+        evaluation = evaluations[key]
+        assert not evaluation.passed
+        for word in words:
+            assert word in (evaluation.description or ""), evaluation.description
 
 
 def test_leaderboard_lists_what_exists(hostile: HostileRun) -> None:

@@ -21,13 +21,17 @@ REPO = Path(__file__).resolve().parents[1]
 TASK = "pattern"
 FIRST = {"train": {"epochs": 2}, "integrity": {"min_side": 8}}
 SECOND = {"train": {"epochs": 3, "seed": 1}, "integrity": {"min_side": 9}}
+BUNDLE = {**SECOND, "train": {"epochs": 4, "seed": 1}}  # only the model differs from SECOND
 
 
-def _runner(data: Path, artifacts: Path, overrides: dict) -> subprocess.Popen[str]:
+def _runner(
+    data: Path, artifacts: Path, overrides: dict, swap_pause: float | None = None
+) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "tests.stage_runner", str(data), str(artifacts), TASK]
-    return subprocess.Popen(
-        [*cmd, json.dumps(overrides)], cwd=REPO, stdout=subprocess.PIPE, text=True
-    )
+    cmd.append(json.dumps(overrides))
+    if swap_pause is not None:
+        cmd.append(str(swap_pause))
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
 
 
 def _run_to_end(data: Path, artifacts: Path, overrides: dict) -> None:
@@ -36,14 +40,19 @@ def _run_to_end(data: Path, artifacts: Path, overrides: dict) -> None:
     assert proc.returncode == 0 and out.strip().endswith("DONE"), out
 
 
-def _kill_during(data: Path, artifacts: Path, overrides: dict, stage: str, delay: float) -> str:
-    """Start a run, SIGKILL it ``delay`` seconds after ``stage`` starts; return its output."""
-    proc = _runner(data, artifacts, overrides)
+def _kill_at(data: Path, artifacts: Path, overrides: dict, marker: str, delay: float) -> str:
+    """Start a run, SIGKILL it ``delay`` seconds after it prints ``marker``; return its output.
+
+    Runs aimed at a ``SWAP <dir>`` marker wait before every directory swap, so the kill
+    lands after the new directory is complete and before it replaces the old one.
+    """
+    pause = 30.0 if marker.startswith("SWAP ") else None
+    proc = _runner(data, artifacts, overrides, pause)
     seen = []
     assert proc.stdout is not None
     for line in proc.stdout:
         seen.append(line.strip())
-        if line.strip() == f"START {stage}":
+        if line.strip() == marker:
             time.sleep(delay)
             break
     proc.send_signal(signal.SIGKILL)
@@ -95,9 +104,9 @@ def test_killed_runs_leave_whole_outputs_and_the_next_run_completes(
     old = _fingerprints(art)
 
     rng = random.Random(7)
-    targets = ["integrity", "model", "evaluation"]
-    for stage in targets:
-        _kill_during(tiny_copy, artifacts, SECOND, stage, rng.uniform(0.0, 1.5))
+    for stage in ["integrity", "model", "evaluation"]:
+        marker = f"START {stage}"
+        assert marker in _kill_at(tiny_copy, artifacts, SECOND, marker, rng.uniform(0.0, 1.5))
         _assert_whole(art)
         now = _fingerprints(art)
         # each output is the old one or a complete new one; never missing
@@ -105,6 +114,12 @@ def test_killed_runs_leave_whole_outputs_and_the_next_run_completes(
         assert all(now[k] is not None for k in now), now
         for key in changed:
             assert now[key] not in (None, old[key])
+
+    # killed after the new bundle is complete, before it is swapped in: nothing changes
+    before = _fingerprints(art)
+    assert "SWAP model" in _kill_at(tiny_copy, artifacts, BUNDLE, "SWAP model", 0.0)
+    _assert_whole(art)
+    assert _fingerprints(art) == before and not (art.dir / "model.old").exists()
 
     _run_to_end(tiny_copy, artifacts, SECOND)
     _assert_whole(art)

@@ -55,7 +55,15 @@ def test_leaderboard_has_one_row_per_task(materialized: Materialized) -> None:
     board = pd.read_parquet(materialized.artifacts / "summary" / "leaderboard.parquet")
     assert sorted(board["task"]) == ["digits", "pattern"]
     assert (board["accuracy"].between(0, 1)).all()
-    assert set(board.columns) >= {"images", "classes", "issues", "model", "macro_f1", "ece_after"}
+    assert set(board.columns) >= {
+        "images",
+        "classes",
+        "issues",
+        "model",
+        "macro_f1",
+        "ece_before",
+        "ece_after",
+    }
 
 
 def test_inventory_lists_every_file(materialized: Materialized) -> None:
@@ -84,6 +92,31 @@ def test_planted_problems_are_found_and_excluded(materialized: Materialized) -> 
     assert (integrity.drop(index=list(expected))["status"] == "ok").all()
     manifest = pd.read_parquet(art / "splits.parquet")
     assert not set(expected) & set(manifest["relpath"])
+
+
+def test_integrity_schema_does_not_depend_on_the_data(materialized: Materialized) -> None:
+    """On a clean task the issue lists stay lists of strings, the optional columns strings."""
+    path = materialized.artifacts / "digits" / "integrity.parquet"
+    assert (pd.read_parquet(path)["status"] == "ok").all()  # clean: nothing to infer from
+    schema = pq.read_schema(path)
+    assert [(f.name, str(f.type)) for f in schema] == [
+        ("relpath", "string"),
+        ("split_dir", "string"),
+        ("class_name", "string"),
+        ("bytes", "int64"),
+        ("mtime_ns", "int64"),
+        ("ext", "string"),
+        ("width", "int64"),
+        ("height", "int64"),
+        ("mode", "string"),
+        ("format", "string"),
+        ("content_hash", "string"),
+        ("file_issues", "list<element: string>"),
+        ("detail", "string"),
+        ("issues", "list<element: string>"),
+        ("status", "string"),
+        ("perceptual_hash", "string"),
+    ]
 
 
 def test_raw_folder_is_untouched(materialized: Materialized) -> None:
@@ -151,9 +184,15 @@ def test_evaluation_outputs(materialized: Materialized) -> None:
         "weighted_f1",
         "split",
         "n",
+        "top_5_accuracy",  # evaluation.top_k
     ):
         assert key in metrics
+    assert metrics["accuracy"] <= metrics["top_5_accuracy"] <= 1
     preds = pd.read_parquet(ev / "predictions.parquet")
+    assert {"relpath", "split"} <= set(preds.columns)
+    manifest = pd.read_parquet(materialized.artifacts / "digits" / "splits.parquet")
+    val = manifest.loc[manifest["split"] == "val", "relpath"]
+    assert set(preds["split"]) == {"val"} and sorted(preds["relpath"]) == sorted(val)
     assert len(preds) == metrics["n"]
     assert all(len(logits) == 10 for logits in preds["logits"])
     assert (preds["pred"] == [int(np.argmax(v)) for v in preds["logits"]]).all()
@@ -172,6 +211,7 @@ def test_calibration_outputs(materialized: Materialized) -> None:
     assert len(levels) == 45
     temp = json.loads((cal / "temperature.json").read_text("utf-8"))
     assert temp["temperature"] > 0
+    assert 0 <= temp["ece_before"] <= 1 and 0 <= temp["ece_after"] <= 1
     assert temp["nll_after"] <= temp["nll_before"] + 1e-9
 
 

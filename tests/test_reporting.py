@@ -15,6 +15,7 @@ from mtmc_pipeline import artifacts as af
 from mtmc_pipeline.artifacts import TaskArtifacts
 from mtmc_pipeline.config import CalibrationConfig, EvaluationConfig
 from mtmc_pipeline.stages.reporting import (
+    calibration_checks,
     embed_pngs,
     evaluation_checks,
     run_calibration,
@@ -125,6 +126,23 @@ def test_without_a_test_split_there_is_nothing_to_check(tmp_path: Path) -> None:
     result = run_calibration(art, CalibrationConfig())
     assert "realised_precision_on_test" not in result.checks
     assert not (art.calibration_dir / "realised_precision.parquet").exists()
+
+
+def test_a_decreasing_threshold_fails_the_monotone_check_naming_class_and_score() -> None:
+    rows = []
+    for name in CLASSES:
+        for kind in ("logit", "softmax"):
+            thresholds = [0.6, 0.5, 0.8] if (name, kind) == ("格子", "softmax") else [1, 2, 3]
+            for level, t in zip([0.5, 0.7, 0.9], thresholds, strict=True):
+                rows.append((name, kind, level, t, True))
+    columns = ["class_name", "score_kind", "level", "threshold", "reachable"]
+    table = pd.DataFrame(rows, columns=columns)
+    check = calibration_checks(table, None, CalibrationConfig())["thresholds_monotone"]
+    assert not check.passed and check.severity == "error"
+    assert check.metadata["bad"] == ["格子/softmax"] and "格子/softmax" in check.description
+    # an unreachable level carries no threshold to compare
+    table.loc[table["threshold"] == 0.5, "reachable"] = False
+    assert calibration_checks(table, None, CalibrationConfig())["thresholds_monotone"].passed
 
 
 def test_leaderboard_has_the_columns_of_the_contract(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from mtmc_pipeline.artifacts import TaskArtifacts, stored_fingerprint
 from mtmc_pipeline.config import IntegrityConfig, SamplingConfig, ScanConfig, SplitConfig
 from mtmc_pipeline.integrity import (
     DEFAULT_SEVERITY,
+    INTEGRITY_SCHEMA,
     ISSUES,
     Limits,
     check_integrity,
@@ -103,12 +104,16 @@ def run_integrity(task_dir: Path, art: TaskArtifacts, config: IntegrityConfig) -
             task_dir, inventory, config, _previous_integrity(art, config), folders
         )
         af.write_parquet(
-            art.integrity, df, fp, meta={k: v for k, v in summary.items() if k != "decoded"}
+            art.integrity,
+            df,
+            fp,
+            meta={k: v for k, v in summary.items() if k != "decoded"},
+            schema=INTEGRITY_SCHEMA,
         )
     md = integrity_metadata(df, summary)
     md["path"] = str(art.integrity)
     record_elapsed(md, start, summary.get("decoded", 0), "decoded")
-    return StageResult(fp, reused, md, integrity_checks(df, config))
+    return StageResult(fp, reused, md, integrity_checks(df, config, task_dir))
 
 
 def _previous_integrity(art: TaskArtifacts, config: IntegrityConfig) -> pd.DataFrame | None:
@@ -155,7 +160,9 @@ def integrity_metadata(df: pd.DataFrame, summary: dict[str, Any]) -> dict[str, A
     return md
 
 
-def integrity_checks(df: pd.DataFrame, config: IntegrityConfig) -> dict[str, CheckOutcome]:
+def integrity_checks(
+    df: pd.DataFrame, config: IntegrityConfig, task_dir: Path
+) -> dict[str, CheckOutcome]:
     n = max(len(df), 1)
     errors = int((df["status"] == "error").sum())
     fraction = errors / n
@@ -163,7 +170,7 @@ def integrity_checks(df: pd.DataFrame, config: IntegrityConfig) -> dict[str, Che
     return {
         "error_fraction": CheckOutcome(
             fraction <= config.max_error_fraction,
-            f"{errors} of {len(df)} files ({fraction:.1%}) have errors; "
+            f"{task_dir}: {errors} of {len(df)} files ({fraction:.1%}) have errors; "
             f"allowed {config.max_error_fraction:.1%} (integrity.max_error_fraction)",
             "error",
             {"error_files": errors, "error_fraction": fraction},

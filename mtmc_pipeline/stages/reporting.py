@@ -173,7 +173,12 @@ def calibration_checks(
             bad.append(f"{name}/{kind}")
     checks = {
         "thresholds_monotone": CheckOutcome(
-            not bad, "thresholds never decrease as the precision level rises", "error", {"bad": bad}
+            not bad,
+            "thresholds never decrease as the precision level rises"
+            if not bad
+            else f"thresholds decrease as the precision level rises for (class/score) {bad}",
+            "error",
+            {"bad": bad},
         )
     }
     if realised is not None:

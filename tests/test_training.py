@@ -584,3 +584,27 @@ def test_the_model_asset_logs_epochs_and_shows_its_training(
     info = json.loads((tmp_path / "digits" / "model" / "model.json").read_text("utf-8"))
     assert info["best_epoch"] in (0, 1) and md["best_epoch"].value == info["best_epoch"] + 1
     assert {"accuracy", "macro_f1", "val_loss"} <= set(info["metrics"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_precision_paths_train(tmp_path: Path, dtype: torch.dtype) -> None:
+    """The GPU recipes' code paths, run on the CPU (which supports both autocast types): bf16
+    autocast, and fp16 with a gradient scaler (unscaled before clipping)."""
+    from mtmc_pipeline.train import _Stepper
+
+    manifest, classes = _tiny_task(tmp_path / "data")
+    cfg = TrainConfig(
+        model="test_resnet", img_size=16, pretrained=False, epochs=2, batch_size=4, clip_grad_norm=1
+    )
+    amp = Runtime(torch.device("cpu"), dtype)
+    model = create_model("test_resnet", len(classes))
+    stepper = _Stepper(model, torch.optim.SGD(model.parameters(), lr=0.1), cfg, amp)
+    assert stepper.scaler.is_enabled() == (dtype == torch.float16)
+
+    result = train_model(
+        manifest, classes, None, tmp_path / "data", tmp_path / "cache", cfg, amp, log=print
+    )
+    history = result.history
+    assert len(history) == 2 and np.isfinite(history["train_loss"]).all()
+    assert np.isfinite(history["val_loss"]).all()
+    assert all(torch.isfinite(t).all() for t in result.model.state_dict().values())

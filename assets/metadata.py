@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import math
 from typing import Any
 
@@ -10,6 +9,7 @@ import dagster as dg
 import pandas as pd
 
 from mtmc_pipeline.stages import CheckOutcome, Markdown, Png, StageResult
+from mtmc_pipeline.stages.common import png_markdown
 
 MAX_TABLE_ROWS = 50
 
@@ -36,10 +36,6 @@ def markdown_table(df: pd.DataFrame, max_rows: int = MAX_TABLE_ROWS) -> str:
     if len(df) > max_rows:
         lines.append(f"\n… {len(df) - max_rows} more rows")
     return "\n".join(lines)
-
-
-def png_markdown(data: bytes, alt: str) -> str:
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(data).decode()})"
 
 
 def to_metadata_value(name: str, value: Any) -> Any:

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from mtmc_pipeline.artifacts import write_json
-from mtmc_pipeline.calibrate import Calibrator, threshold_table
+from mtmc_pipeline.calibrate import CALIBRATOR_FILE, Calibrator, threshold_table
 from mtmc_pipeline.config import default_levels
 from mtmc_pipeline.data import Normalize, fit_square, load_rgb
 from mtmc_pipeline.models import Preprocess, create_model, save_bundle
@@ -69,7 +69,7 @@ def build_task(folder: Path, arch: str, img_size: int, classes: int) -> Path:
     logits = rng.normal(size=(2000, classes)) + 3.0 * np.eye(classes)[labels]
     table = threshold_table(logits, labels, names, default_levels())
     calibrator = Calibrator.from_table(table, names, 1.5, "benchmark")
-    write_json(folder / "calibration" / "calibrator.json", calibrator.to_json())
+    write_json(folder / "calibration" / CALIBRATOR_FILE, calibrator.to_json())
     return folder
 
 

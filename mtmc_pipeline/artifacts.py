@@ -188,8 +188,8 @@ def write_parquet(
         pq.write_table(table, tmp)
 
 
-def read_parquet(path: Path) -> pd.DataFrame:
-    return pq.read_table(path).to_pandas()
+def read_parquet(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    return pq.read_table(path, columns=columns).to_pandas()
 
 
 def parquet_meta(path: Path) -> dict[str, Any]:

@@ -37,6 +37,7 @@ TABLE_COLUMNS = [
     "precision_lower",
 ]
 SCORE_KINDS = ("logit", "softmax")
+CALIBRATOR_FILE = "calibrator.json"
 _EPS = 1e-12
 
 
@@ -297,7 +298,7 @@ class Calibrator:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], source: str = "calibrator.json") -> Calibrator:
+    def from_json(cls, data: dict[str, Any], source: str = CALIBRATOR_FILE) -> Calibrator:
         """Rebuild from :meth:`to_json` output; a malformed file is named in the error."""
         try:
             return cls(

@@ -42,6 +42,8 @@ def write_table(df: pd.DataFrame, out: Path) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from mtmc_pipeline.calibrate import CALIBRATOR_FILE
+    from mtmc_pipeline.models import MODEL_FILE
     from mtmc_pipeline.predict import Predictor, expand_inputs
     from mtmc_pipeline.runtime import resolve_runtime
 
@@ -50,9 +52,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     problem = None
     if out.suffix not in (".csv", ".parquet"):
         problem = f"--out {out}: use a .csv or .parquet file name"
-    elif not (art.model_dir / "model.json").is_file():
+    elif not (art.model_dir / MODEL_FILE).is_file():
         problem = f"no trained model for task {args.task!r} under {art.dir}"
-    elif not (art.calibration_dir / "calibrator.json").is_file():
+    elif not (art.calibration_dir / CALIBRATOR_FILE).is_file():
         problem = f"task {args.task!r} has no calibrator under {art.dir}"
     if problem:
         print(f"error: {problem}", file=sys.stderr)

@@ -84,21 +84,24 @@ class Evaluation:
 
 def split_metrics(
     labels: np.ndarray, logits: np.ndarray, num_classes: int, config: EvaluationConfig, kind: str
-) -> dict[str, Any]:
-    """Everything measured on one split: confusion-matrix metrics, top-k, NLL, one-vs-rest."""
+) -> tuple[dict[str, Any], np.ndarray, pd.DataFrame]:
+    """Everything measured on one (non-empty) split: confusion-matrix metrics, top-k, NLL,
+    one-vs-rest; with the confusion matrix and the per-class table they came from."""
     cm = confusion(labels, logits.argmax(1), num_classes)
     scores = ovr_scores(logits, kind)
+    truth = one_hot(labels, num_classes)
+    pc = per_class(cm)
+    pc["average_precision"] = per_class_average_precision(scores, truth)
     out: dict[str, Any] = dict(summary_metrics(cm))
     k = min(config.top_k, num_classes)
     out[f"top_{k}_accuracy"] = top_k_accuracy(labels, logits, k)
-    out["log_loss"] = cross_entropy(logits, labels) if len(labels) else float("nan")
-    truth = one_hot(labels, num_classes)
+    out["log_loss"] = cross_entropy(logits, labels)
     out.update(one_vs_rest(scores, truth, config.ovr_threshold))
-    out["mAP"] = float(per_class_average_precision(scores, truth).mean())
+    out["mAP"] = float(pc["average_precision"].mean())
     out["ovr_scores"] = kind
     out["ovr_threshold"] = config.ovr_threshold
     out["n"] = len(labels)
-    return out
+    return out, cm, pc
 
 
 def confusion_table(cm: np.ndarray, names: list[str], split: str) -> pd.DataFrame:
@@ -152,12 +155,8 @@ def evaluate_model(
         logits = predict_logits(model, ds, normalize, runtime, runtime.inference_batch_size)
         check_finite(logits, f"{split} split", part["relpath"].tolist())
         labels = part["label"].to_numpy()
-        by_split[split] = split_metrics(labels, logits, len(names), config, kind)
-        cms[split] = cm = confusion(labels, logits.argmax(1), len(names))
-        pc = per_class(cm)
-        pc["average_precision"] = per_class_average_precision(
-            ovr_scores(logits, kind), one_hot(labels, len(names))
-        )
+        by_split[split], cm, pc = split_metrics(labels, logits, len(names), config, kind)
+        cms[split] = cm
         pc.insert(0, "class_name", names)
         pc.insert(0, "split", split)
         pc_parts.append(pc)

@@ -18,14 +18,13 @@ import pandas as pd
 import torch
 
 from mtmc_pipeline.artifacts import read_json
-from mtmc_pipeline.calibrate import Calibrator
+from mtmc_pipeline.calibrate import CALIBRATOR_FILE, Calibrator
 from mtmc_pipeline.data import Normalize, fit_square, load_rgb
 from mtmc_pipeline.metrics import softmax
 from mtmc_pipeline.models import MODEL_FILE, Preprocess, load_bundle
 from mtmc_pipeline.runtime import Runtime, resolve_runtime
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-CALIBRATOR_FILE = "calibrator.json"
 COLUMNS = (
     "path",
     "label",

@@ -11,6 +11,7 @@ checkout) leaves the model, its evaluation and calibration current.
 
 from __future__ import annotations
 
+import base64
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,11 @@ class Markdown:
 @dataclass(frozen=True)
 class Png:
     data: bytes
+
+
+def png_markdown(data: bytes, alt: str) -> str:
+    """An image inlined in Markdown (the UI shows no file links)."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(data).decode()})"
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import re
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ import pandas as pd
 
 from mtmc_pipeline import artifacts as af
 from mtmc_pipeline.artifacts import TaskArtifacts, stored_fingerprint
-from mtmc_pipeline.calibrate import CHECK_SPLIT, RELIABILITY_PNG, calibrate
+from mtmc_pipeline.calibrate import CALIBRATOR_FILE, CHECK_SPLIT, RELIABILITY_PNG, calibrate
 from mtmc_pipeline.config import CalibrationConfig, EvaluationConfig
 from mtmc_pipeline.evaluate import evaluate_model
 from mtmc_pipeline.models import MODEL_FILE
@@ -23,6 +22,7 @@ from mtmc_pipeline.stages.common import (
     Markdown,
     Png,
     StageResult,
+    png_markdown,
     record_elapsed,
     stage_fingerprint,
     upstream_fingerprint,
@@ -36,11 +36,7 @@ def embed_pngs(markdown: str, directory: Path) -> str:
 
     def inline(m: re.Match[str]) -> str:
         path = directory / m.group(2)
-        if not path.is_file():
-            return m.group(0)
-        return (
-            f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
-        )
+        return png_markdown(path.read_bytes(), m.group(1)) if path.is_file() else m.group(0)
 
     return _LOCAL_PNG.sub(inline, markdown)
 
@@ -133,7 +129,7 @@ def run_calibration(art: TaskArtifacts, config: CalibrationConfig) -> StageResul
         with af.atomic_dir(out) as tmp:
             af.write_parquet(tmp / "calibration.parquet", cal.table, fp)
             af.write_json(tmp / "temperature.json", {**cal.temperature, "fingerprint": fp})
-            af.write_json(tmp / "calibrator.json", {**cal.calibrator.to_json(), "fingerprint": fp})
+            af.write_json(tmp / CALIBRATOR_FILE, {**cal.calibrator.to_json(), "fingerprint": fp})
             af.write_bytes(tmp / RELIABILITY_PNG, cal.reliability_png)
             af.write_text(tmp / "report.md", cal.report_md)
             if cal.realised is not None:
@@ -200,7 +196,7 @@ def leaderboard_row(art: TaskArtifacts) -> dict[str, Any]:
     ECE is taken on the same split as the metrics: test when there is one (the temperature
     is fitted on val, so val ECE after scaling flatters it), else val.
     """
-    integrity = af.read_parquet(art.integrity)
+    integrity = af.read_parquet(art.integrity, columns=["status"])
     model = af.read_json(art.model_dir / MODEL_FILE)
     metrics = af.read_json(art.evaluation_dir / "metrics.json")
     temp = af.read_json(art.calibration_dir / "temperature.json")

@@ -153,7 +153,7 @@ def build_task_assets(task: str, data_root: Path) -> list[Any]:
         description=f"The image files under `{task_dir}` (never modified). Data version: "
         "fingerprint of every file's (path, size, mtime) and of task.yaml.",
     )
-    def raw_images(context: dg.AssetExecutionContext) -> dg.ObserveResult:
+    def raw_images() -> dg.ObserveResult:
         with user_errors(task_dir):
             scan = load_task_config(task_dir).scan
             version, md = stages.observe_raw(task_dir, scan)

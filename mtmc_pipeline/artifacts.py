@@ -198,11 +198,13 @@ def parquet_meta(path: Path) -> dict[str, Any]:
     return json.loads(raw) if raw else {}
 
 
-def stored_fingerprint(path: Path) -> str | None:
-    """The input fingerprint an output was made from: Parquet metadata or a JSON field."""
+def _stored_version(path: Path, *keys: bytes) -> str | None:
+    """The first of ``keys`` found in a Parquet file's metadata (the ``fingerprint`` field of a
+    JSON file); None when the file is missing or unreadable."""
     try:
         if path.suffix == ".parquet":
-            raw = (pq.read_schema(path).metadata or {}).get(FINGERPRINT_KEY)
+            metadata = pq.read_schema(path).metadata or {}
+            raw = next((metadata[k] for k in keys if k in metadata), None)
             return raw.decode() if raw else None
         if path.suffix == ".json":
             return read_json(path).get("fingerprint")
@@ -211,18 +213,16 @@ def stored_fingerprint(path: Path) -> str | None:
     return None
 
 
+def stored_fingerprint(path: Path) -> str | None:
+    """The input fingerprint an output was made from: Parquet metadata or a JSON field."""
+    return _stored_version(path, FINGERPRINT_KEY)
+
+
 def stored_data_version(path: Path) -> str | None:
     """What downstream stages fingerprint an output by: the digest of its content where it
     records one (the split manifest: unchanged content keeps the model current even when the
     inputs it was recomputed from changed), else its input fingerprint."""
-    if path.suffix == ".parquet":
-        try:
-            raw = (pq.read_schema(path).metadata or {}).get(DATA_VERSION_KEY)
-        except (OSError, pa.ArrowException):
-            return None
-        if raw:
-            return raw.decode()
-    return stored_fingerprint(path)
+    return _stored_version(path, DATA_VERSION_KEY, FINGERPRINT_KEY)
 
 
 @contextlib.contextmanager

@@ -380,8 +380,8 @@ def _status(issues: list[str], severity: Mapping[str, str]) -> str:
 
 def _reusable(inventory: pd.DataFrame, previous: pd.DataFrame | None) -> pd.DataFrame:
     """Per-file columns of ``previous`` aligned to ``inventory`` (all-missing rows to decode)."""
-    if previous is None or previous.empty or "file_issues" not in previous.columns:
-        return pd.DataFrame(index=inventory.index, columns=[*PER_FILE_COLUMNS, "_hit"])
+    if previous is None or previous.empty:
+        return pd.DataFrame(index=inventory.index, columns=PER_FILE_COLUMNS).assign(_hit=False)
     prev = previous[KEY_COLUMNS + PER_FILE_COLUMNS].drop_duplicates("relpath")
     merged = inventory[KEY_COLUMNS].merge(prev, on=KEY_COLUMNS, how="left", indicator="_hit")
     merged.index = inventory.index
@@ -398,7 +398,8 @@ def check_integrity(
 ) -> tuple[pd.DataFrame, dict[str, object]]:
     """Integrity rows (inventory columns + findings) and a summary with task-level findings.
 
-    ``previous`` is the last integrity table made with the same :class:`Limits`; its
+    ``previous`` is the last integrity table made with the same :class:`Limits` (at least its
+    ``KEY_COLUMNS`` and ``PER_FILE_COLUMNS``); its
     per-file results are reused for files whose (relpath, bytes, mtime_ns) did not change.
     ``class_folders`` are the (split_dir, class) folders the scan found, empty ones included.
     """
@@ -406,13 +407,14 @@ def check_integrity(
     severity = {**DEFAULT_SEVERITY, **config.severity}
     df = inventory.reset_index(drop=True)
     reused = _reusable(df, previous)
-    todo = np.flatnonzero(~reused["_hit"].fillna(False).to_numpy(dtype=bool))
+    hit = reused["_hit"].to_numpy(dtype=bool)
+    todo = np.flatnonzero(~hit)
     root = os.fspath(task_dir)
     paths = [os.path.join(root, rel) for rel in df["relpath"].to_numpy()[todo]]
     fresh = inspect_files(paths, df["ext"].to_numpy()[todo].tolist(), config)
     per_file = pd.concat(
         [
-            reused.loc[reused["_hit"].fillna(False).astype(bool), PER_FILE_COLUMNS],
+            reused.loc[hit, PER_FILE_COLUMNS],
             pd.DataFrame.from_records(fresh, columns=PER_FILE_COLUMNS, index=df.index[todo]),
         ]
     ).sort_index()

@@ -32,7 +32,6 @@ import pandas as pd
 from mtmc_pipeline.artifacts import fingerprint
 from mtmc_pipeline.config import TASK_FILE, ScanConfig
 
-SPLIT_DIRS = ("train", "val", "test")
 SPLIT_ALIASES = {
     "train": "train",
     "val": "val",
@@ -248,8 +247,8 @@ def listing_fingerprint(task_dir: Path, scan: ScanResult) -> str:
     This is the raw data version: it changes when a file is added, removed or rewritten,
     when a class folder appears (even an empty one) and when the task's settings change.
     """
-    inventory = scan.inventory
-    listing = sorted(
+    inventory = scan.inventory  # sorted by relpath
+    listing = list(
         zip(
             inventory["relpath"],
             inventory["bytes"].tolist(),

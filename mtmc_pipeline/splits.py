@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from mtmc_pipeline.artifacts import fingerprint
 from mtmc_pipeline.config import SplitConfig
@@ -132,12 +134,18 @@ def splits_schema(classes: list[str]) -> pa.Schema:
 
 def manifest_fingerprint(manifest: pd.DataFrame, classes: list[str]) -> str:
     """A digest of everything a manifest decides (files, labels, splits, folds, content)."""
-    rows = manifest[splits_schema(classes).names].sort_values("relpath")
+    rows = manifest[SPLIT_COLUMNS].sort_values("relpath")
     return fingerprint("split manifest", classes, rows.to_csv(index=False))
 
 
 def class_names_from_schema(schema: pa.Schema) -> list[str]:
     return json.loads((schema.metadata or {})[CLASSES_KEY])
+
+
+def read_manifest(path: Path) -> tuple[pd.DataFrame, list[str]]:
+    """A split manifest and its ordered class list, in one read."""
+    table = pq.read_table(path)
+    return table.to_pandas(), class_names_from_schema(table.schema)
 
 
 def class_split_counts(manifest: pd.DataFrame) -> pd.DataFrame:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pyarrow.parquet as pq
 
 from mtmc_pipeline import artifacts as af
 from mtmc_pipeline.artifacts import TaskArtifacts, stored_fingerprint
@@ -17,6 +16,8 @@ from mtmc_pipeline.integrity import (
     DEFAULT_SEVERITY,
     INTEGRITY_SCHEMA,
     ISSUES,
+    KEY_COLUMNS,
+    PER_FILE_COLUMNS,
     Limits,
     check_integrity,
     usable_rows,
@@ -26,11 +27,11 @@ from mtmc_pipeline.plots import bar_png
 from mtmc_pipeline.sampling import sampling_weights
 from mtmc_pipeline.splits import (
     TaskDataError,
-    class_names_from_schema,
     class_split_counts,
     leaking_hashes,
     make_splits,
     manifest_fingerprint,
+    read_manifest,
     splits_schema,
 )
 from mtmc_pipeline.stages.common import (
@@ -122,7 +123,7 @@ def _previous_integrity(art: TaskArtifacts, config: IntegrityConfig) -> pd.DataF
         return None
     if af.parquet_meta(art.integrity).get("limits") != asdict(Limits.of(config)):
         return None
-    return af.read_parquet(art.integrity)
+    return af.read_parquet(art.integrity, columns=KEY_COLUMNS + PER_FILE_COLUMNS)
 
 
 def integrity_metadata(df: pd.DataFrame, summary: dict[str, Any]) -> dict[str, Any]:
@@ -196,23 +197,29 @@ def run_splits(art: TaskArtifacts, config: SplitConfig) -> StageResult:
     )
     reused = stored_fingerprint(art.splits) == fp
     if reused:
-        manifest = af.read_parquet(art.splits)
-        classes = class_names_from_schema(pq.read_schema(art.splits))
+        manifest, classes = read_manifest(art.splits)
+        content = upstream_fingerprint(art.splits, "splits")
     else:
         integrity = af.read_parquet(art.integrity)
         same_settings = _splits_settings(art.splits) == config.model_dump()
-        previous = af.read_parquet(art.splits) if same_settings else None
+        previous = (
+            af.read_parquet(art.splits, columns=["content_hash", "split"])
+            if same_settings
+            else None
+        )
         manifest, classes = make_splits(usable_rows(integrity), config, previous, art.task)
+        content = manifest_fingerprint(manifest, classes)
         af.write_parquet(
             art.splits,
             manifest,
             fp,
-            meta={"split_config": config.model_dump(), "class_names": classes},
+            meta={"split_config": config.model_dump()},
             schema=splits_schema(classes),
-            data_version=manifest_fingerprint(manifest, classes),
+            data_version=content,
         )
-    content = upstream_fingerprint(art.splits, "splits")
-    inventory_classes = sorted(af.read_parquet(art.inventory)["class_name"].unique())
+    inventory_classes = sorted(
+        af.read_parquet(art.inventory, columns=["class_name"])["class_name"].unique()
+    )
     md = {
         "images": len(manifest),
         "classes": len(classes),
@@ -257,8 +264,7 @@ def run_sampling(art: TaskArtifacts, config: SamplingConfig) -> StageResult:
     if reused:
         table = af.read_parquet(art.class_weights)
     else:
-        manifest = af.read_parquet(art.splits)
-        classes = class_names_from_schema(pq.read_schema(art.splits))
+        manifest, classes = read_manifest(art.splits)
         weights, table = sampling_weights(manifest, classes, config)
         af.write_parquet(art.class_weights, table, fp)
         af.write_parquet(art.sampling_weights, weights, fp, meta={"strategy": config.strategy})

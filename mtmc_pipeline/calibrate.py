@@ -210,9 +210,18 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> p
     )
 
 
-def calibration_errors(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict[str, float]:
-    """ECE and MCE of top-1 confidence (equal-width bins), NLL and Brier score."""
-    table = reliability_bins(probs, labels, bins)
+def calibration_errors(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    bins: int = 15,
+    reliability: pd.DataFrame | None = None,
+) -> dict[str, float]:
+    """ECE and MCE of top-1 confidence (equal-width bins), NLL and Brier score.
+
+    ``reliability``: the :func:`reliability_bins` of ``probs``, when the caller already has
+    them (for the reliability diagram); ``bins`` is then not used.
+    """
+    table = reliability_bins(probs, labels, bins) if reliability is None else reliability
     used = table[table["count"] > 0]
     gap = (used["accuracy"] - used["confidence"]).abs()
     onehot = np.eye(probs.shape[1])[labels]
@@ -355,14 +364,19 @@ def _split_logits(preds: pd.DataFrame, split: str) -> tuple[np.ndarray, np.ndarr
     return np.stack(part["logits"].to_numpy()).astype(np.float64), part["label"].to_numpy()
 
 
-def _errors(logits: np.ndarray, labels: np.ndarray, temperature: float) -> dict[str, Any]:
-    before = calibration_errors(softmax(logits), labels)
-    after = calibration_errors(softmax(logits, temperature), labels)
-    return {
-        "n": len(labels),
-        **{f"{k}_before": v for k, v in before.items()},
-        **{f"{k}_after": v for k, v in after.items()},
-    }
+def _errors(
+    logits: np.ndarray, labels: np.ndarray, temperature: float
+) -> tuple[dict[str, Any], list[pd.DataFrame]]:
+    """The errors before and after temperature scaling, and the reliability bins (before,
+    after) they were measured on."""
+    errors: dict[str, Any] = {"n": len(labels)}
+    bins = []
+    for when, t in (("before", 1.0), ("after", temperature)):
+        probs = softmax(logits, t)
+        bins.append(reliability_bins(probs, labels))
+        measured = calibration_errors(probs, labels, reliability=bins[-1])
+        errors |= {f"{k}_{when}": v for k, v in measured.items()}
+    return errors, bins
 
 
 def calibrate(
@@ -380,19 +394,16 @@ def calibrate(
         raise ValueError("predictions.parquet has no val images: calibration is fitted on val")
     table = threshold_table(logits, labels, class_names, config.levels, config.min_support)
     temperature = fit_temperature(logits, labels)
-    summary: dict[str, Any] = {
-        "temperature": temperature,
-        "split": FIT_SPLIT,
-        **_errors(logits, labels, temperature),
-    }
+    errors, (before, after) = _errors(logits, labels, temperature)
+    summary: dict[str, Any] = {"temperature": temperature, "split": FIT_SPLIT, **errors}
     realised = None
     test_logits, test_labels = _split_logits(preds, CHECK_SPLIT)
     if len(test_labels):
         realised = realised_precision(
             table, test_logits, test_labels, class_names, config.tolerance
         )
-        summary[CHECK_SPLIT] = _errors(test_logits, test_labels, temperature)
-    png = _reliability(logits, labels, temperature)
+        summary[CHECK_SPLIT], _ = _errors(test_logits, test_labels, temperature)
+    png = reliability_png(before, after, temperature)
     calibrator = Calibrator.from_table(table, class_names, temperature, model_fingerprint)
     relpaths = preds.loc[preds["split"] == FIT_SPLIT, "relpath"].tolist()
     notes = no_level_notes(table, logits, labels, relpaths, class_names)
@@ -424,14 +435,6 @@ def no_level_notes(
             why = "no threshold keeps calibration.min_support val images at the lowest level"
         notes.append(f"- {name}: {why}")
     return notes
-
-
-def _reliability(logits: np.ndarray, labels: np.ndarray, temperature: float) -> bytes:
-    return reliability_png(
-        reliability_bins(softmax(logits), labels),
-        reliability_bins(softmax(logits, temperature), labels),
-        temperature,
-    )
 
 
 def _shown_levels(levels: np.ndarray) -> list[float]:

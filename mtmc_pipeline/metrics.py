@@ -20,6 +20,11 @@ def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(a, b, out=np.zeros_like(a, dtype=np.float64), where=b > 0)
 
 
+def row_fractions(cm: np.ndarray) -> np.ndarray:
+    """Each row of a confusion matrix as fractions of its true class (0 for an empty row)."""
+    return _safe_div(cm, cm.sum(1, keepdims=True))
+
+
 def per_class(cm: np.ndarray) -> pd.DataFrame:
     tp = np.diag(cm).astype(np.float64)
     support = cm.sum(1).astype(np.float64)

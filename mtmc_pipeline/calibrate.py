@@ -22,7 +22,7 @@ from scipy.optimize import minimize_scalar
 from scipy.stats import beta
 
 from mtmc_pipeline.config import CalibrationConfig
-from mtmc_pipeline.metrics import cross_entropy, ranked_counts, softmax
+from mtmc_pipeline.metrics import cross_entropy, one_hot, ranked_counts, softmax
 from mtmc_pipeline.plots import reliability_png
 
 TABLE_COLUMNS = [
@@ -224,13 +224,12 @@ def calibration_errors(
     table = reliability_bins(probs, labels, bins) if reliability is None else reliability
     used = table[table["count"] > 0]
     gap = (used["accuracy"] - used["confidence"]).abs()
-    onehot = np.eye(probs.shape[1])[labels]
     n = max(len(labels), 1)
     return {
         "ece": float((gap * used["count"]).sum() / n),
         "mce": float(gap.max()) if len(gap) else 0.0,
         "nll": float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1)).mean()),
-        "brier": float(((probs - onehot) ** 2).sum(1).mean()),
+        "brier": float(((probs - one_hot(labels, probs.shape[1])) ** 2).sum(1).mean()),
     }
 
 

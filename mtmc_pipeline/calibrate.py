@@ -22,7 +22,7 @@ from scipy.optimize import minimize_scalar
 from scipy.stats import beta
 
 from mtmc_pipeline.config import CalibrationConfig
-from mtmc_pipeline.metrics import cross_entropy, one_hot, ranked_counts, softmax
+from mtmc_pipeline.metrics import cross_entropy, last_of_runs, one_hot, ranked_counts, softmax
 from mtmc_pipeline.plots import reliability_png
 
 TABLE_COLUMNS = [
@@ -243,8 +243,8 @@ def level_curve(thresholds: list[float | None], levels: list[float]) -> tuple[np
     t = np.array([np.nan if v is None else v for v in thresholds], dtype=np.float64)
     ok = ~np.isnan(t)
     th, lv = t[ok], np.asarray(levels, dtype=np.float64)[ok]
-    last_of_value = np.r_[th[1:] != th[:-1], True] if len(th) else np.zeros(0, dtype=bool)
-    return th[last_of_value], lv[last_of_value]
+    last = last_of_runs(th)
+    return th[last], lv[last]
 
 
 @dataclass

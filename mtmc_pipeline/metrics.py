@@ -103,6 +103,12 @@ def one_vs_rest(scores: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -
     }
 
 
+def last_of_runs(values: np.ndarray) -> np.ndarray:
+    """Mask keeping the last of each run of equal neighbours (of sorted values: each distinct
+    value once, at its last position)."""
+    return np.r_[values[1:] != values[:-1], True] if len(values) else np.zeros(0, dtype=bool)
+
+
 def ranked_counts(
     scores: np.ndarray, positive: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -112,8 +118,8 @@ def ranked_counts(
     """
     order = np.argsort(-scores, kind="stable")
     s, pos = scores[order], positive[order].astype(np.int64)
-    last_of_value = np.r_[s[1:] != s[:-1], True] if len(s) else np.zeros(0, dtype=bool)
-    return s[last_of_value], np.cumsum(pos)[last_of_value], (np.arange(len(s)) + 1)[last_of_value]
+    last = last_of_runs(s)
+    return s[last], np.cumsum(pos)[last], (np.arange(len(s)) + 1)[last]
 
 
 def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:

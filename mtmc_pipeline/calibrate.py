@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import pairwise
 from typing import Any
 
@@ -319,6 +320,15 @@ class Calibrator:
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{source}: not a valid calibrator ({type(e).__name__}: {e})") from e
 
+    @cached_property
+    def level_curves(self) -> dict[str, list[tuple[np.ndarray, ...]]]:
+        """:func:`level_curve` of every class, per score kind: built on first use, not per
+        predicted batch (a Calibrator is never changed once built)."""
+        return {
+            kind: [level_curve(row, self.levels) for row in per_class]
+            for kind, per_class in self.thresholds.items()
+        }
+
     def precision_confidence(self, logits: np.ndarray, score_kind: str = "logit") -> np.ndarray:
         """Per sample and class, the precision level the score reaches.
 
@@ -328,8 +338,7 @@ class Calibrator:
         """
         scores = class_scores(np.asarray(logits, dtype=np.float64), score_kind)
         out = np.zeros(scores.shape, dtype=np.float64)
-        for c, per_level in enumerate(self.thresholds[score_kind]):
-            th, lv = level_curve(per_level, self.levels)
+        for c, (th, lv) in enumerate(self.level_curves[score_kind]):
             if len(th) == 0:
                 continue
             s = scores[:, c]

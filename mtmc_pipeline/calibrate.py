@@ -156,19 +156,23 @@ def realised_precision(
     marks rows whose precision falls more than ``tolerance`` below their level.
     """
     check_finite(logits, "test split")
-    rows = []
+    column = {name: c for c, name in enumerate(class_names)}
+    parts = []
     for kind in SCORE_KINDS:
         scores = class_scores(logits, kind)
-        part = table[(table["score_kind"] == kind) & table["reachable"]]
-        for r in part.itertuples():
-            c = class_names.index(r.class_name)
-            hit = scores[:, c] >= r.threshold
-            n = int(hit.sum())
-            precision = float((labels[hit] == c).mean()) if n else float("nan")
-            rows.append((r.class_name, kind, r.level, r.threshold, n, precision))
-    out = pd.DataFrame(
-        rows, columns=["class_name", "score_kind", "level", "threshold", "n", "precision"]
-    )
+        mask = (table["score_kind"] == kind) & table["reachable"]
+        part = table.loc[mask, ["class_name", "score_kind", "level", "threshold"]]
+        part = part.reset_index(drop=True)
+        th = part["threshold"].to_numpy()
+        n, hits = np.zeros(len(part), dtype=np.int64), np.zeros(len(part), dtype=np.int64)
+        for name, rows in part.groupby("class_name", sort=False).indices.items():
+            c = column[name]
+            kept = scores[:, c, None] >= th[None, rows]  # images x this class's levels
+            n[rows], hits[rows] = kept.sum(0), kept[labels == c].sum(0)
+        part["n"] = n
+        part["precision"] = np.divide(hits, n, out=np.full(len(n), np.nan), where=n > 0)
+        parts.append(part)
+    out = pd.concat(parts, ignore_index=True)
     out["flagged"] = (out["n"] > 0) & (out["precision"] < out["level"] - tolerance - _EPS)
     return out
 

@@ -27,9 +27,9 @@ from PIL import Image
 from mtmc_pipeline.artifacts import write_json
 from mtmc_pipeline.calibrate import CALIBRATOR_FILE, Calibrator, threshold_table
 from mtmc_pipeline.config import default_levels
-from mtmc_pipeline.data import Normalize, fit_square, load_rgb
+from mtmc_pipeline.data import Normalize
 from mtmc_pipeline.models import Preprocess, create_model, save_bundle
-from mtmc_pipeline.predict import Predictor
+from mtmc_pipeline.predict import Predictor, decode_image
 from mtmc_pipeline.runtime import Runtime, resolve_runtime
 
 
@@ -123,7 +123,7 @@ def main() -> None:
             f"{len(predictor.class_names)} classes, {args.images} JPEGs of {args.side} px"
         )
         batches = [int(b) for b in args.batch_sizes.split(",")]
-        x = np.stack([fit_square(load_rgb(p), pre.img_size, pre.interpolation) for p in paths])
+        x = np.stack([decode_image(p, pre) for p in paths])
         runs: dict[str, tuple[int, Callable[[], object]]] = {}
         for threads in map(int, args.threads.split(",")):
             runs[f"decode only | - | {threads}"] = (
@@ -163,7 +163,7 @@ def in_batches(predictor: Predictor, x: np.ndarray, batch: int) -> None:
 
 def decode(paths: list[Path], pre: Preprocess, threads: int) -> None:
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda p: fit_square(load_rgb(p), pre.img_size, pre.interpolation), paths))
+        list(pool.map(partial(decode_image, pre=pre), paths))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import pairwise
 from typing import Any
 
@@ -22,7 +23,7 @@ from scipy.optimize import minimize_scalar
 from scipy.stats import beta
 
 from mtmc_pipeline.config import CalibrationConfig
-from mtmc_pipeline.metrics import cross_entropy, ranked_counts, softmax
+from mtmc_pipeline.metrics import cross_entropy, last_of_runs, one_hot, ranked_counts, softmax
 from mtmc_pipeline.plots import reliability_png
 
 TABLE_COLUMNS = [
@@ -155,19 +156,23 @@ def realised_precision(
     marks rows whose precision falls more than ``tolerance`` below their level.
     """
     check_finite(logits, "test split")
-    rows = []
+    column = {name: c for c, name in enumerate(class_names)}
+    parts = []
     for kind in SCORE_KINDS:
         scores = class_scores(logits, kind)
-        part = table[(table["score_kind"] == kind) & table["reachable"]]
-        for r in part.itertuples():
-            c = class_names.index(r.class_name)
-            hit = scores[:, c] >= r.threshold
-            n = int(hit.sum())
-            precision = float((labels[hit] == c).mean()) if n else float("nan")
-            rows.append((r.class_name, kind, r.level, r.threshold, n, precision))
-    out = pd.DataFrame(
-        rows, columns=["class_name", "score_kind", "level", "threshold", "n", "precision"]
-    )
+        mask = (table["score_kind"] == kind) & table["reachable"]
+        part = table.loc[mask, ["class_name", "score_kind", "level", "threshold"]]
+        part = part.reset_index(drop=True)
+        th = part["threshold"].to_numpy()
+        n, hits = np.zeros(len(part), dtype=np.int64), np.zeros(len(part), dtype=np.int64)
+        for name, rows in part.groupby("class_name", sort=False).indices.items():
+            c = column[name]
+            kept = scores[:, c, None] >= th[None, rows]  # images x this class's levels
+            n[rows], hits[rows] = kept.sum(0), kept[labels == c].sum(0)
+        part["n"] = n
+        part["precision"] = np.divide(hits, n, out=np.full(len(n), np.nan), where=n > 0)
+        parts.append(part)
+    out = pd.concat(parts, ignore_index=True)
     out["flagged"] = (out["n"] > 0) & (out["precision"] < out["level"] - tolerance - _EPS)
     return out
 
@@ -210,18 +215,26 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> p
     )
 
 
-def calibration_errors(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict[str, float]:
-    """ECE and MCE of top-1 confidence (equal-width bins), NLL and Brier score."""
-    table = reliability_bins(probs, labels, bins)
+def calibration_errors(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    bins: int = 15,
+    reliability: pd.DataFrame | None = None,
+) -> dict[str, float]:
+    """ECE and MCE of top-1 confidence (equal-width bins), NLL and Brier score.
+
+    ``reliability``: the :func:`reliability_bins` of ``probs``, when the caller already has
+    them (for the reliability diagram); ``bins`` is then not used.
+    """
+    table = reliability_bins(probs, labels, bins) if reliability is None else reliability
     used = table[table["count"] > 0]
     gap = (used["accuracy"] - used["confidence"]).abs()
-    onehot = np.eye(probs.shape[1])[labels]
     n = max(len(labels), 1)
     return {
         "ece": float((gap * used["count"]).sum() / n),
         "mce": float(gap.max()) if len(gap) else 0.0,
         "nll": float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1)).mean()),
-        "brier": float(((probs - onehot) ** 2).sum(1).mean()),
+        "brier": float(((probs - one_hot(labels, probs.shape[1])) ** 2).sum(1).mean()),
     }
 
 
@@ -235,8 +248,8 @@ def level_curve(thresholds: list[float | None], levels: list[float]) -> tuple[np
     t = np.array([np.nan if v is None else v for v in thresholds], dtype=np.float64)
     ok = ~np.isnan(t)
     th, lv = t[ok], np.asarray(levels, dtype=np.float64)[ok]
-    last_of_value = np.r_[th[1:] != th[:-1], True] if len(th) else np.zeros(0, dtype=bool)
-    return th[last_of_value], lv[last_of_value]
+    last = last_of_runs(th)
+    return th[last], lv[last]
 
 
 @dataclass
@@ -311,6 +324,15 @@ class Calibrator:
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{source}: not a valid calibrator ({type(e).__name__}: {e})") from e
 
+    @cached_property
+    def level_curves(self) -> dict[str, list[tuple[np.ndarray, ...]]]:
+        """:func:`level_curve` of every class, per score kind: built on first use, not per
+        predicted batch (a Calibrator is never changed once built)."""
+        return {
+            kind: [level_curve(row, self.levels) for row in per_class]
+            for kind, per_class in self.thresholds.items()
+        }
+
     def precision_confidence(self, logits: np.ndarray, score_kind: str = "logit") -> np.ndarray:
         """Per sample and class, the precision level the score reaches.
 
@@ -320,8 +342,7 @@ class Calibrator:
         """
         scores = class_scores(np.asarray(logits, dtype=np.float64), score_kind)
         out = np.zeros(scores.shape, dtype=np.float64)
-        for c, per_level in enumerate(self.thresholds[score_kind]):
-            th, lv = level_curve(per_level, self.levels)
+        for c, (th, lv) in enumerate(self.level_curves[score_kind]):
             if len(th) == 0:
                 continue
             s = scores[:, c]
@@ -355,14 +376,19 @@ def _split_logits(preds: pd.DataFrame, split: str) -> tuple[np.ndarray, np.ndarr
     return np.stack(part["logits"].to_numpy()).astype(np.float64), part["label"].to_numpy()
 
 
-def _errors(logits: np.ndarray, labels: np.ndarray, temperature: float) -> dict[str, Any]:
-    before = calibration_errors(softmax(logits), labels)
-    after = calibration_errors(softmax(logits, temperature), labels)
-    return {
-        "n": len(labels),
-        **{f"{k}_before": v for k, v in before.items()},
-        **{f"{k}_after": v for k, v in after.items()},
-    }
+def _errors(
+    logits: np.ndarray, labels: np.ndarray, temperature: float
+) -> tuple[dict[str, Any], list[pd.DataFrame]]:
+    """The errors before and after temperature scaling, and the reliability bins (before,
+    after) they were measured on."""
+    errors: dict[str, Any] = {"n": len(labels)}
+    bins = []
+    for when, t in (("before", 1.0), ("after", temperature)):
+        probs = softmax(logits, t)
+        bins.append(reliability_bins(probs, labels))
+        measured = calibration_errors(probs, labels, reliability=bins[-1])
+        errors |= {f"{k}_{when}": v for k, v in measured.items()}
+    return errors, bins
 
 
 def calibrate(
@@ -380,19 +406,16 @@ def calibrate(
         raise ValueError("predictions.parquet has no val images: calibration is fitted on val")
     table = threshold_table(logits, labels, class_names, config.levels, config.min_support)
     temperature = fit_temperature(logits, labels)
-    summary: dict[str, Any] = {
-        "temperature": temperature,
-        "split": FIT_SPLIT,
-        **_errors(logits, labels, temperature),
-    }
+    errors, (before, after) = _errors(logits, labels, temperature)
+    summary: dict[str, Any] = {"temperature": temperature, "split": FIT_SPLIT, **errors}
     realised = None
     test_logits, test_labels = _split_logits(preds, CHECK_SPLIT)
     if len(test_labels):
         realised = realised_precision(
             table, test_logits, test_labels, class_names, config.tolerance
         )
-        summary[CHECK_SPLIT] = _errors(test_logits, test_labels, temperature)
-    png = _reliability(logits, labels, temperature)
+        summary[CHECK_SPLIT], _ = _errors(test_logits, test_labels, temperature)
+    png = reliability_png(before, after, temperature)
     calibrator = Calibrator.from_table(table, class_names, temperature, model_fingerprint)
     relpaths = preds.loc[preds["split"] == FIT_SPLIT, "relpath"].tolist()
     notes = no_level_notes(table, logits, labels, relpaths, class_names)
@@ -424,14 +447,6 @@ def no_level_notes(
             why = "no threshold keeps calibration.min_support val images at the lowest level"
         notes.append(f"- {name}: {why}")
     return notes
-
-
-def _reliability(logits: np.ndarray, labels: np.ndarray, temperature: float) -> bytes:
-    return reliability_png(
-        reliability_bins(softmax(logits), labels),
-        reliability_bins(softmax(logits, temperature), labels),
-        temperature,
-    )
 
 
 def _shown_levels(levels: np.ndarray) -> list[float]:

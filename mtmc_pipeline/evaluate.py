@@ -27,6 +27,7 @@ from mtmc_pipeline.metrics import (
     one_vs_rest,
     per_class,
     per_class_average_precision,
+    row_fractions,
     sigmoid,
     softmax,
     summary_metrics,
@@ -108,7 +109,6 @@ def confusion_table(cm: np.ndarray, names: list[str], split: str) -> pd.DataFram
     """Long format: one row per (true, predicted) pair with its count and row fraction."""
     k = len(names)
     ii, jj = np.divmod(np.arange(k * k), k)
-    rows = cm.sum(1)
     return pd.DataFrame(
         {
             "split": split,
@@ -117,9 +117,7 @@ def confusion_table(cm: np.ndarray, names: list[str], split: str) -> pd.DataFram
             "true_label": ii,
             "pred_label": jj,
             "count": cm[ii, jj],
-            "row_fraction": np.divide(
-                cm[ii, jj], rows[ii], out=np.zeros(k * k), where=rows[ii] > 0
-            ),
+            "row_fraction": row_fractions(cm)[ii, jj],
         }
     )
 
@@ -261,12 +259,11 @@ def report_markdown(
 
     off = cm.copy()
     np.fill_diagonal(off, 0)
-    rows = np.maximum(cm.sum(1), 1)
+    frac = row_fractions(cm)
     pairs = sorted(zip(*np.nonzero(off), strict=True), key=lambda ij: (-off[ij], ij))[:n_pairs]
     lines += ["", "### Most confused pairs", ""]
     lines += [
-        f"- {names[i]} → {names[j]}: {off[i, j]} ({off[i, j] / rows[i]:.0%} of {names[i]})"
-        for i, j in pairs
+        f"- {names[i]} → {names[j]}: {off[i, j]} ({frac[i, j]:.0%} of {names[i]})" for i, j in pairs
     ] or ["- none"]
 
     preds = predictions[predictions["split"] == split]

@@ -20,6 +20,11 @@ def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(a, b, out=np.zeros_like(a, dtype=np.float64), where=b > 0)
 
 
+def row_fractions(cm: np.ndarray) -> np.ndarray:
+    """Each row of a confusion matrix as fractions of its true class (0 for an empty row)."""
+    return _safe_div(cm, cm.sum(1, keepdims=True))
+
+
 def per_class(cm: np.ndarray) -> pd.DataFrame:
     tp = np.diag(cm).astype(np.float64)
     support = cm.sum(1).astype(np.float64)
@@ -98,6 +103,12 @@ def one_vs_rest(scores: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -
     }
 
 
+def last_of_runs(values: np.ndarray) -> np.ndarray:
+    """Mask keeping the last of each run of equal neighbours (of sorted values: each distinct
+    value once, at its last position)."""
+    return np.r_[values[1:] != values[:-1], True] if len(values) else np.zeros(0, dtype=bool)
+
+
 def ranked_counts(
     scores: np.ndarray, positive: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -107,8 +118,8 @@ def ranked_counts(
     """
     order = np.argsort(-scores, kind="stable")
     s, pos = scores[order], positive[order].astype(np.int64)
-    last_of_value = np.r_[s[1:] != s[:-1], True] if len(s) else np.zeros(0, dtype=bool)
-    return s[last_of_value], np.cumsum(pos)[last_of_value], (np.arange(len(s)) + 1)[last_of_value]
+    last = last_of_runs(s)
+    return s[last], np.cumsum(pos)[last], (np.arange(len(s)) + 1)[last]
 
 
 def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:

@@ -26,6 +26,8 @@ from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from matplotlib.ft2font import FT2Font
 
+from mtmc_pipeline.metrics import row_fractions
+
 MAX_LABEL_CHARS = 24
 
 
@@ -124,8 +126,7 @@ def confusion_figure(cm: np.ndarray, names: Sequence[str], title: str, normalize
     """
     k = len(names)
     labels, font, legend = class_labels(names)
-    rows = cm.sum(1, keepdims=True)
-    frac = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
+    frac = row_fractions(cm)
     side = float(np.clip(2.5 + 0.42 * k, 4.5, 24))
     tick_size = 10 if k <= 12 else 8 if k <= 30 else 6
     fig, ax = plt.subplots(figsize=(side + 1.2, side))

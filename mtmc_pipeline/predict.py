@@ -61,7 +61,7 @@ def _batches(paths: Iterable[Path], size: int) -> Iterator[tuple[Path, ...]]:
         yield chunk
 
 
-def _decode(path: Path, pre: Preprocess) -> np.ndarray | str:
+def decode_image(path: Path, pre: Preprocess) -> np.ndarray | str:
     """The model-sized HxWx3 image, or the reason it cannot be read."""
     try:
         return fit_square(load_rgb(path), pre.img_size, pre.interpolation)
@@ -123,7 +123,7 @@ class Predictor:
         with ThreadPoolExecutor(self.decode_threads) as pool:
 
             def submit(chunk: tuple[Path, ...] | None) -> list[Future[np.ndarray | str]]:
-                return [pool.submit(_decode, p, self.pre) for p in chunk or ()]
+                return [pool.submit(decode_image, p, self.pre) for p in chunk or ()]
 
             chunk = next(chunks, None)
             pending = submit(chunk)

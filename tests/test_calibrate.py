@@ -225,6 +225,31 @@ def test_realised_precision_is_measured_and_flagged() -> None:
     assert b.loc[0.9, "n"] == 2 and b.loc[0.9, "precision"] == 1.0
 
 
+def test_realised_precision_matches_a_row_by_row_count() -> None:
+    rng = np.random.default_rng(7)
+    names = ["a", "b", "c", "d"]
+    val_labels = rng.integers(0, 4, 400)
+    val_logits = np.round(rng.normal(size=(400, 4)) + np.eye(4)[val_labels], 1)  # ties
+    table = threshold_table(val_logits, val_labels, names, [0.3, 0.5, 0.7, 0.9, 0.99], 3)
+    test_labels = rng.integers(0, 3, 60)  # class d has no test image
+    test_logits = np.round(rng.normal(size=(60, 4)) + np.eye(4)[test_labels], 1)
+    rows = []
+    for kind in ("logit", "softmax"):
+        scores = softmax(test_logits) if kind == "softmax" else test_logits
+        part = table[(table["score_kind"] == kind) & table["reachable"]]
+        for r in part.itertuples():
+            c = names.index(r.class_name)
+            hit = scores[:, c] >= r.threshold
+            precision = float((test_labels[hit] == c).mean()) if hit.any() else float("nan")
+            rows.append((r.class_name, kind, r.level, r.threshold, int(hit.sum()), precision))
+    expected = pd.DataFrame(
+        rows, columns=["class_name", "score_kind", "level", "threshold", "n", "precision"]
+    )
+    assert (~table["reachable"]).any() and (expected["n"] == 0).any()  # both edges are covered
+    out = realised_precision(table, test_logits, test_labels, names, tolerance=0.05)
+    pd.testing.assert_frame_equal(out.drop(columns="flagged"), expected)
+
+
 def _predictions(logits: np.ndarray, labels: np.ndarray, split: str) -> pd.DataFrame:
     return pd.DataFrame(
         {

@@ -24,6 +24,7 @@ from mtmc_pipeline.metrics import (
     one_vs_rest,
     per_class,
     per_class_average_precision,
+    row_fractions,
     sigmoid,
     softmax,
     summary_metrics,
@@ -170,3 +171,11 @@ def test_sigmoid_is_stable_for_extreme_logits() -> None:
     out = sigmoid(x)
     assert np.isfinite(out).all()
     assert out == pytest.approx(1 / (1 + np.exp(-np.clip(x, -700, 700))))
+
+
+def test_row_fractions_match_scikit_learn_and_leave_an_absent_class_at_zero() -> None:
+    y_true, y_pred = np.array([0, 0, 0, 2, 2]), np.array([0, 1, 1, 2, 0])
+    cm = confusion(y_true, y_pred, 3)
+    expected = confusion_matrix(y_true, y_pred, labels=[0, 1, 2], normalize="true")
+    assert row_fractions(cm) == pytest.approx(expected)
+    assert (row_fractions(cm)[1] == 0).all()

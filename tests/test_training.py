@@ -73,6 +73,47 @@ def test_losses_are_finite_and_fall_when_predictions_improve(loss: str) -> None:
     assert fn(good, target) < fn(torch.zeros(4, 4), target)
 
 
+def _ghm_reference(
+    logits: torch.Tensor, target: torch.Tensor, acc_sum: torch.Tensor, bins: int, momentum: float
+) -> torch.Tensor:
+    """GHM-C written bin by bin, as the paper describes it; updates ``acc_sum`` in place."""
+    import torch.nn.functional as F
+
+    y = F.one_hot(target, logits.shape[1]).float()
+    g = (logits.sigmoid() - y).abs()
+    edges = torch.linspace(0, 1, bins + 1)
+    edges[-1] += 1e-6
+    weights = torch.zeros_like(logits)
+    valid = 0
+    for i in range(bins):
+        in_bin = (g >= edges[i]) & (g < edges[i + 1])
+        count = int(in_bin.sum())
+        if count:
+            valid += 1
+            if momentum > 0:
+                acc_sum[i] = momentum * acc_sum[i] + (1 - momentum) * count
+                weights[in_bin] = g.numel() / acc_sum[i]
+            else:
+                weights[in_bin] = g.numel() / count
+    weights = weights / max(valid, 1)
+    per_elem = F.binary_cross_entropy_with_logits(logits, y, weights, reduction="none")
+    return per_elem.sum() / g.numel()
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.75])
+def test_ghm_matches_a_bin_by_bin_reference(momentum: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    fn = build_loss(TrainConfig(loss="ghm", ghm_bins=10, ghm_momentum=momentum), 5)
+    acc_sum = torch.zeros(10)
+    for scale in (0.1, 3.0, 8.0):  # few bins hit, then most of them
+        logits = torch.randn(16, 5, generator=gen) * scale
+        target = torch.randint(0, 5, (16,), generator=gen)
+        expected = _ghm_reference(logits, target, acc_sum, 10, momentum)
+        torch.testing.assert_close(fn(logits, target), expected)
+        torch.testing.assert_close(fn.acc_sum, acc_sum)
+    assert (acc_sum > 0).sum() > 1 if momentum else torch.equal(fn.acc_sum, torch.zeros(10))
+
+
 def test_focal_alpha_weighs_each_class_as_computed_by_hand() -> None:
     import math
 

@@ -346,6 +346,8 @@ def train_model(
             loss_sum += loss.detach() * len(y)
             count += len(y)
             steps += 1
+        if runtime.device.type == "cuda":
+            torch.cuda.synchronize(runtime.device)  # count the queued kernels in the epoch
         train_seconds = time.perf_counter() - t0
         logits = predict_logits(eval_model, val_ds, normalize, runtime, config.batch_size * 2)
         metrics = summary_metrics(confusion(y_val, logits.argmax(1), num_classes))

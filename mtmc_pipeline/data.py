@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from mtmc_pipeline.models import Preprocess
+from mtmc_pipeline.runtime import Runtime
 
 IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
@@ -124,6 +125,18 @@ class CachedImageDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.image(i)
         return (self.transform(image) if self.transform else image), self.labels[i]
+
+
+def inference_loader(dataset: Dataset, batch_size: int, runtime: Runtime) -> DataLoader:
+    """Batches in the dataset's order, for prediction. Built once, it keeps its worker
+    processes between passes (validation runs every epoch); batches are pinned for a GPU."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=runtime.num_workers,
+        pin_memory=runtime.device.type == "cuda",
+        persistent_workers=runtime.num_workers > 0,
+    )
 
 
 class Normalize:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from mtmc_pipeline.augment import AugmentSettings, BatchAugment, mixup, randaugment
 from mtmc_pipeline.checkpoint import Checkpoint
 from mtmc_pipeline.config import ConfigError, TrainConfig
-from mtmc_pipeline.data import CachedImageDataset, DecodedCache, Normalize
+from mtmc_pipeline.data import CachedImageDataset, DecodedCache, Normalize, inference_loader
 from mtmc_pipeline.evaluate import predict_logits
 from mtmc_pipeline.losses import build_loss
 from mtmc_pipeline.metrics import confusion, cross_entropy, summary_metrics
@@ -279,6 +279,7 @@ def train_model(
         cache, train_rows["content_hash"], train_rows["label"], randaugment(config)
     )
     val_ds = CachedImageDataset(cache, val_rows["content_hash"], val_rows["label"])
+    val_loader = inference_loader(val_ds, config.batch_size * 2, runtime)
     y_val = val_rows["label"].to_numpy()
 
     generator = torch.Generator().manual_seed(config.seed)
@@ -349,7 +350,7 @@ def train_model(
         if runtime.device.type == "cuda":
             torch.cuda.synchronize(runtime.device)  # count the queued kernels in the epoch
         train_seconds = time.perf_counter() - t0
-        logits = predict_logits(eval_model, val_ds, normalize, runtime, config.batch_size * 2)
+        logits = predict_logits(eval_model, val_loader, normalize, runtime)
         metrics = summary_metrics(confusion(y_val, logits.argmax(1), num_classes))
         metrics["val_loss"] = cross_entropy(logits, y_val)
         row = {

@@ -562,14 +562,16 @@ def test_early_stopping_keeps_the_best_epochs_weights(
     manifest, classes = _tiny_task(tmp_path / "data")
     f1 = iter([0.5, 0.9, 0.6, 0.6, 0.95, 0.95])
     validated: list[dict[str, torch.Tensor]] = []
+    loaders: list[object] = []
 
     def scripted_metrics(_: object) -> dict[str, float]:
         value = next(f1)
         return {"accuracy": value, "macro_f1": value, "balanced_accuracy": value}
 
-    def recording_predict(model: torch.nn.Module, *args: object) -> np.ndarray:
+    def recording_predict(model: torch.nn.Module, loader: object, *args: object) -> np.ndarray:
         validated.append({k: v.clone() for k, v in model.state_dict().items()})
-        return real_predict(model, *args)
+        loaders.append(loader)
+        return real_predict(model, loader, *args)
 
     real_predict = train.predict_logits
     monkeypatch.setattr(train, "summary_metrics", scripted_metrics)
@@ -583,6 +585,7 @@ def test_early_stopping_keeps_the_best_epochs_weights(
         resolve_runtime("cpu"), messages.append,
     )  # fmt: skip
     assert len(result.history) == len(validated) == 4  # epochs 3 and 4 brought no gain
+    assert all(loader is loaders[0] for loader in loaders)  # one validation loader, reused
     assert messages[-1] == "early stop: no gain in macro_f1 for 2 epochs"
     assert result.best_epoch == 1 and result.best_metrics["macro_f1"] == 0.9
     weights = result.model.state_dict()

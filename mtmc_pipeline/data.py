@@ -7,6 +7,7 @@ Small data sets are then held in memory as one uint8 tensor; large ones are read
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -107,12 +108,12 @@ class CachedImageDataset(Dataset):
         self.transform = transform
         self.hashes = list(hashes)
         self.labels = torch.as_tensor(list(labels), dtype=torch.long)
-        nbytes = len(self.hashes) * 3 * cache.size * cache.size
+        shape = (len(self.hashes), 3, cache.size, cache.size)
         self.images: torch.Tensor | None = None
-        if nbytes <= IN_MEMORY_LIMIT_BYTES:
-            stack = np.stack([cache.load(h) for h in self.hashes]) if self.hashes else None
-            if stack is not None:
-                self.images = torch.from_numpy(stack).permute(0, 3, 1, 2).contiguous()
+        if self.hashes and math.prod(shape) <= IN_MEMORY_LIMIT_BYTES:
+            self.images = torch.empty(shape, dtype=torch.uint8)
+            for i, h in enumerate(self.hashes):  # HWC file -> CHW slot, one copy per image
+                self.images[i] = torch.from_numpy(cache.load(h)).permute(2, 0, 1)
 
     def __len__(self) -> int:
         return len(self.hashes)

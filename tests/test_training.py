@@ -197,6 +197,26 @@ def test_offline_hub_failure_says_how_to_proceed(monkeypatch: pytest.MonkeyPatch
         create_model("resnet18", 3, pretrained=True)
 
 
+def test_in_memory_images_are_the_cached_files_as_chw(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mtmc_pipeline.data as data
+
+    cache = DecodedCache(tmp_path, 8)
+    rng = np.random.default_rng(0)
+    hashes = [f"{i:02d}{'f' * 30}" for i in range(3)]
+    for h in hashes:
+        cache.path(h).parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache.path(h), rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    held = data.CachedImageDataset(cache, hashes, [0, 1, 0])
+    monkeypatch.setattr(data, "IN_MEMORY_LIMIT_BYTES", 0)
+    read = data.CachedImageDataset(cache, hashes, [0, 1, 0])
+    assert held.images is not None and read.images is None
+    for i, h in enumerate(hashes):
+        assert torch.equal(held[i][0], read[i][0])
+        assert torch.equal(held[i][0], torch.from_numpy(np.load(cache.path(h))).permute(2, 0, 1))
+
+
 def _manifest() -> tuple[pd.DataFrame, list[str]]:
     rows = [
         (f"{c}/{i}.png", c, ci, "train" if i < 6 else "val", f"{ci}{i:031d}")

@@ -59,14 +59,14 @@ class DecodedCache:
     def path(self, content_hash: str) -> Path:
         return self.dir / content_hash[:2] / f"{content_hash}.npy"
 
-    def ensure(self, paths: Sequence[str], hashes: Sequence[str], workers: int = 0) -> int:
+    def ensure(self, paths: Sequence[str], hashes: Sequence[str]) -> int:
         """Decode the images not yet cached; return how many were decoded."""
         todo = [(p, h) for p, h in zip(paths, hashes, strict=True) if not self.path(h).exists()]
         todo = list(dict((h, p) for p, h in todo).items())  # one decode per content hash
         if not todo:
             return 0
         jobs = [(p, str(self.path(h)), self.size, self.interpolation) for h, p in todo]
-        workers = workers or os.cpu_count() or 1
+        workers = os.cpu_count() or 1
         if workers == 1 or len(jobs) < 64:
             for job in jobs:
                 _decode_to_cache(job)

@@ -31,7 +31,7 @@ from mtmc_pipeline.data import CachedImageDataset, DecodedCache, Normalize, infe
 from mtmc_pipeline.evaluate import predict_logits
 from mtmc_pipeline.losses import build_loss
 from mtmc_pipeline.metrics import confusion, cross_entropy, summary_metrics
-from mtmc_pipeline.models import Preprocess, create_model, head_parameters
+from mtmc_pipeline.models import Preprocess, create_model
 from mtmc_pipeline.runtime import Runtime
 from mtmc_pipeline.schedules import Schedule, build_schedule
 from mtmc_pipeline.splits import TaskDataError
@@ -62,20 +62,21 @@ def _monitor_value(metrics: dict[str, float], monitor: str) -> float:
     return -metrics["val_loss"] if monitor == "val_loss" else metrics[monitor]
 
 
-def _set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
-    head = {id(p) for p in head_parameters(model)}
-    for p in model.parameters():
-        if id(p) not in head:
-            p.requires_grad_(trainable)
+def _train_mode(model: nn.Module, freeze_backbone: bool) -> None:
+    """``model.train()``, with everything outside the classifier head frozen or trainable.
 
-
-def _freeze_backbone_norms(model: nn.Module) -> None:
-    """Batch norm layers outside the head to eval mode (after ``model.train()``), so a frozen
-    backbone keeps its running statistics too, not only its weights."""
-    classifier = model.get_classifier()
-    head = {id(m) for m in classifier.modules()} if isinstance(classifier, nn.Module) else set()
+    A frozen backbone keeps its running statistics too, not only its weights: its batch norm
+    layers go to eval mode.
+    """
+    head = model.get_classifier()
+    in_head = {id(m) for m in head.modules()} if isinstance(head, nn.Module) else set()
+    model.train()
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in head:
+        if id(m) in in_head:
+            continue
+        for p in m.parameters(recurse=False):
+            p.requires_grad_(not freeze_backbone)
+        if freeze_backbone and isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
 
 
@@ -320,10 +321,7 @@ def train_model(
         end_epoch = start_epoch  # the killed run had already stopped early
     for epoch in range(start_epoch, end_epoch):
         frozen = epoch < config.freeze_epochs
-        _set_backbone_trainable(model, not frozen)
-        model.train()
-        if frozen:
-            _freeze_backbone_norms(model)
+        _train_mode(model, freeze_backbone=frozen)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=runtime.device)
         norm_sum = torch.zeros((), device=runtime.device)

@@ -16,6 +16,7 @@ Mixup/CutMix (per batch, on the device, producing smoothed soft targets).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -42,60 +43,84 @@ class AugmentSettings:
 
 
 class BatchAugment:
-    """Callable: float batch (N, 3, H, W) in [0, 255] -> augmented batch of the same shape."""
+    """Callable: float batch (N, 3, H, W) in [0, 255] -> augmented batch of the same shape.
+
+    A batch's random parameters come from one draw on the generator's device (the CPU), one
+    row per parameter, and one copy to the batch's device; the colour matrices are moved to
+    a device once. Row by row the draw equals separate per-parameter draws, so the stream
+    does not depend on how it is split.
+    """
 
     def __init__(self, settings: AugmentSettings, generator: torch.Generator | None = None):
         self.s = settings
         self.generator = generator
+        self._colour: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
 
-    def _uniform(self, n: int, low: float, high: float, device: torch.device) -> torch.Tensor:
-        r = torch.rand(n, generator=self.generator).to(device)
-        return low + (high - low) * r
+    def _draws_per_image(self) -> int:
+        s = self.s
+        return 4 + sum(map(bool, (s.hflip, s.brightness, s.contrast, s.saturation, s.hue)))
 
-    def crop_boxes(self, n: int, h: int, w: int, device: torch.device) -> torch.Tensor:
-        """Per-sample (batch index, x1, y1, x2, y2) boxes, as torchvision's RandomResizedCrop."""
-        area = self._uniform(n, *self.s.scale, device) * h * w
-        log_ratio = self._uniform(n, math.log(self.s.ratio[0]), math.log(self.s.ratio[1]), device)
-        ratio = torch.exp(log_ratio)
-        cw = torch.sqrt(area * ratio).clamp(max=w)
-        ch = torch.sqrt(area / ratio).clamp(max=h)
-        x1 = self._uniform(n, 0, 1, device) * (w - cw)
-        y1 = self._uniform(n, 0, 1, device) * (h - ch)
-        idx = torch.arange(n, device=device, dtype=x1.dtype)
-        return torch.stack([idx, x1, y1, x1 + cw, y1 + ch], dim=1)
+    def _colour_constants(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Gray weights (1, 3, 1, 1), YIQ -> RGB and RGB -> YIQ on ``x``'s device and dtype."""
+        key = (x.device, x.dtype)
+        if key not in self._colour:
+            gray = _GRAY.to(x.device, x.dtype)[None, :, None, None]
+            yiq = (_YIQ_TO_RGB.to(x.device, x.dtype), _RGB_TO_YIQ.to(x.device, x.dtype))
+            self._colour[key] = (gray, *yiq)
+        return self._colour[key]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
-        dev = x.device
-        x = resized_crops(x, self.crop_boxes(n, h, w, dev).to(x.dtype))
+        draws = torch.rand(self._draws_per_image(), n, generator=self.generator)
+        u = iter(draws.to(x.device))  # one row of n uniforms per random parameter, in order
+        x = resized_crops(x, self.crop_boxes(u, h, w).to(x.dtype))
         if self.s.hflip:
-            x = hflips(x, (torch.rand(n, generator=self.generator) < 0.5).to(dev))
-        return self.color_jitter(x)
+            x = hflips(x, next(u) < 0.5)
+        return self.color_jitter(x, u)
 
-    def color_jitter(self, x: torch.Tensor) -> torch.Tensor:
+    def crop_boxes(self, u: Iterator[torch.Tensor], h: int, w: int) -> torch.Tensor:
+        """Per-sample (batch index, x1, y1, x2, y2) boxes, as torchvision's RandomResizedCrop;
+        takes four rows of ``u``."""
+        area = _between(next(u), *self.s.scale) * h * w
+        log_ratio = _between(next(u), math.log(self.s.ratio[0]), math.log(self.s.ratio[1]))
+        ratio = torch.exp(log_ratio)
+        cw = torch.sqrt(area * ratio).clamp(max=w)
+        ch = torch.sqrt(area / ratio).clamp(max=h)
+        x1 = next(u) * (w - cw)
+        y1 = next(u) * (h - ch)
+        idx = torch.arange(len(x1), device=x1.device, dtype=x1.dtype)
+        return torch.stack([idx, x1, y1, x1 + cw, y1 + ch], dim=1)
+
+    def color_jitter(self, x: torch.Tensor, u: Iterator[torch.Tensor]) -> torch.Tensor:
+        """Brightness, contrast, saturation, hue; one row of ``u`` for each that is set."""
         n, dev = x.shape[0], x.device
         s = self.s
+        gray_w, yiq_to_rgb, rgb_to_yiq = self._colour_constants(x)
         if s.brightness:
-            x = x * self._uniform(n, 1 - s.brightness, 1 + s.brightness, dev)[:, None, None, None]
-        gray_w = _GRAY.to(dev, x.dtype)[None, :, None, None]
+            x = x * _between(next(u), 1 - s.brightness, 1 + s.brightness)[:, None, None, None]
         if s.contrast:
             mean = (x * gray_w).sum(1, keepdim=True).mean((2, 3), keepdim=True)
-            c = self._uniform(n, 1 - s.contrast, 1 + s.contrast, dev)[:, None, None, None]
+            c = _between(next(u), 1 - s.contrast, 1 + s.contrast)[:, None, None, None]
             x = (x - mean) * c + mean
         if s.saturation:
             gray = (x * gray_w).sum(1, keepdim=True)
-            sat = self._uniform(n, 1 - s.saturation, 1 + s.saturation, dev)[:, None, None, None]
+            sat = _between(next(u), 1 - s.saturation, 1 + s.saturation)[:, None, None, None]
             x = (x - gray) * sat + gray
         if s.hue:
-            theta = self._uniform(n, -s.hue, s.hue, dev) * 2 * math.pi
+            theta = _between(next(u), -s.hue, s.hue) * 2 * math.pi
             cos, sin = torch.cos(theta), torch.sin(theta)
             rot = torch.zeros(n, 3, 3, device=dev, dtype=x.dtype)
             rot[:, 0, 0] = 1
             rot[:, 1, 1], rot[:, 1, 2] = cos, -sin
             rot[:, 2, 1], rot[:, 2, 2] = sin, cos
-            m = _YIQ_TO_RGB.to(dev, x.dtype) @ rot @ _RGB_TO_YIQ.to(dev, x.dtype)
+            m = yiq_to_rgb @ rot @ rgb_to_yiq
             x = torch.einsum("nij,njhw->nihw", m, x)
         return x.clamp(0, 255)
+
+
+def _between(r: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Uniforms in [0, 1) scaled to [low, high)."""
+    return low + (high - low) * r
 
 
 def resized_crops(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:

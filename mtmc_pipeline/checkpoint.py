@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 _STATE_KEY = "state"
 _FINGERPRINT_KEY = "fingerprint"
@@ -108,9 +108,11 @@ class Checkpoint:
         try:
             with safe_open(str(self.path), framework="pt") as f:
                 meta = f.metadata() or {}
-            if meta.get(_FINGERPRINT_KEY) != self.fingerprint:
-                return None, "the checkpoint was made from other inputs or settings"
-            return decode(json.loads(meta[_STATE_KEY]), load_file(str(self.path))), "resumed"
+                if meta.get(_FINGERPRINT_KEY) != self.fingerprint:
+                    return None, "the checkpoint was made from other inputs or settings"
+                names = f.keys()  # a list; safe_open itself is not iterable
+                tensors = {name: f.get_tensor(name) for name in names}
+            return decode(json.loads(meta[_STATE_KEY]), tensors), "resumed"
         except (OSError, SafetensorError, ValueError, KeyError, TypeError) as e:
             return None, f"the checkpoint is unreadable ({type(e).__name__}: {e})"
 

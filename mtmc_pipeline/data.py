@@ -7,6 +7,7 @@ Small data sets are then held in memory as one uint8 tensor; large ones are read
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -15,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from mtmc_pipeline.models import Preprocess
+from mtmc_pipeline.runtime import Runtime
 
 IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
@@ -57,14 +59,14 @@ class DecodedCache:
     def path(self, content_hash: str) -> Path:
         return self.dir / content_hash[:2] / f"{content_hash}.npy"
 
-    def ensure(self, paths: Sequence[str], hashes: Sequence[str], workers: int = 0) -> int:
+    def ensure(self, paths: Sequence[str], hashes: Sequence[str]) -> int:
         """Decode the images not yet cached; return how many were decoded."""
         todo = [(p, h) for p, h in zip(paths, hashes, strict=True) if not self.path(h).exists()]
         todo = list(dict((h, p) for p, h in todo).items())  # one decode per content hash
         if not todo:
             return 0
         jobs = [(p, str(self.path(h)), self.size, self.interpolation) for h, p in todo]
-        workers = workers or os.cpu_count() or 1
+        workers = os.cpu_count() or 1
         if workers == 1 or len(jobs) < 64:
             for job in jobs:
                 _decode_to_cache(job)
@@ -106,12 +108,12 @@ class CachedImageDataset(Dataset):
         self.transform = transform
         self.hashes = list(hashes)
         self.labels = torch.as_tensor(list(labels), dtype=torch.long)
-        nbytes = len(self.hashes) * 3 * cache.size * cache.size
+        shape = (len(self.hashes), 3, cache.size, cache.size)
         self.images: torch.Tensor | None = None
-        if nbytes <= IN_MEMORY_LIMIT_BYTES:
-            stack = np.stack([cache.load(h) for h in self.hashes]) if self.hashes else None
-            if stack is not None:
-                self.images = torch.from_numpy(stack).permute(0, 3, 1, 2).contiguous()
+        if self.hashes and math.prod(shape) <= IN_MEMORY_LIMIT_BYTES:
+            self.images = torch.empty(shape, dtype=torch.uint8)
+            for i, h in enumerate(self.hashes):  # HWC file -> CHW slot, one copy per image
+                self.images[i] = torch.from_numpy(cache.load(h)).permute(2, 0, 1)
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -124,6 +126,18 @@ class CachedImageDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.image(i)
         return (self.transform(image) if self.transform else image), self.labels[i]
+
+
+def inference_loader(dataset: Dataset, batch_size: int, runtime: Runtime) -> DataLoader:
+    """Batches in the dataset's order, for prediction. Built once, it keeps its worker
+    processes between passes (validation runs every epoch); batches are pinned for a GPU."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=runtime.num_workers,
+        pin_memory=runtime.device.type == "cuda",
+        persistent_workers=runtime.num_workers > 0,
+    )
 
 
 class Normalize:

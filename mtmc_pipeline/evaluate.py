@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from mtmc_pipeline.calibrate import check_finite
 from mtmc_pipeline.config import EvaluationConfig
-from mtmc_pipeline.data import CachedImageDataset, DecodedCache, Normalize
+from mtmc_pipeline.data import CachedImageDataset, DecodedCache, Normalize, inference_loader
 from mtmc_pipeline.metrics import (
     confusion,
     cross_entropy,
@@ -45,20 +45,15 @@ CONFUSION_NORMALIZED_PNG = "confusion_normalized.png"
 
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module,
-    dataset: CachedImageDataset,
-    normalize: Normalize,
-    runtime: Runtime,
-    batch_size: int,
+    model: nn.Module, loader: DataLoader, normalize: Normalize, runtime: Runtime
 ) -> np.ndarray:
-    """Logits (float32, N x C) for every item of ``dataset``, in order."""
+    """Logits (float32, N x C) for every item of ``loader``, in order; one copy to the CPU."""
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=runtime.num_workers)
     out = []
     for x, _ in loader:
         with runtime.autocast():
-            out.append(model(normalize(x)).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
+            out.append(model(normalize(x)).float())
+    return torch.cat(out).cpu().numpy() if out else np.zeros((0, 0), dtype=np.float32)
 
 
 def ovr_score_kind(config: EvaluationConfig, model_info: dict[str, Any]) -> str:
@@ -150,7 +145,8 @@ def evaluate_model(
         if part.empty:
             continue
         ds = CachedImageDataset(cache, part["content_hash"], part["label"])
-        logits = predict_logits(model, ds, normalize, runtime, runtime.inference_batch_size)
+        loader = inference_loader(ds, runtime.inference_batch_size, runtime)
+        logits = predict_logits(model, loader, normalize, runtime)
         check_finite(logits, f"{split} split", part["relpath"].tolist())
         labels = part["label"].to_numpy()
         by_split[split], cm, pc = split_metrics(labels, logits, len(names), config, kind)

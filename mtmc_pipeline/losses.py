@@ -109,21 +109,19 @@ class GHMCLoss(_WeightedLoss):
         logits = logits.float()
         y = soft_targets(target, logits.shape[1])
         g = (logits.detach().sigmoid() - y).abs()
-        weights = torch.zeros_like(logits)
         total = g.numel()
-        valid_bins = 0
-        for i in range(self.bins):
-            in_bin = (g >= self.edges[i]) & (g < self.edges[i + 1])
-            count = int(in_bin.sum())
-            if count:
-                valid_bins += 1
-                if self.momentum > 0:
-                    self.acc_sum[i] = self.momentum * self.acc_sum[i] + (1 - self.momentum) * count
-                    weights[in_bin] = total / self.acc_sum[i]
-                else:
-                    weights[in_bin] = total / count
-        if valid_bins:
-            weights = weights / valid_bins
+        # bin i holds edges[i] <= g < edges[i + 1]; the last edge is just above 1, so every
+        # g in [0, 1] has a bin and the clamp is only a guard
+        idx = (torch.bucketize(g, self.edges, right=True) - 1).clamp(0, self.bins - 1)
+        counts = torch.bincount(idx.flatten(), minlength=self.bins).float()
+        hit = counts > 0
+        if self.momentum > 0:
+            running = self.momentum * self.acc_sum + (1 - self.momentum) * counts
+            self.acc_sum.copy_(torch.where(hit, running, self.acc_sum))
+            per_bin = total / self.acc_sum
+        else:
+            per_bin = total / counts
+        weights = per_bin[idx] / hit.sum().clamp(min=1)  # empty bins are never indexed
         per_elem = F.binary_cross_entropy_with_logits(logits, y, weights, reduction="none")
         return self._reduce(per_elem.sum(1), y) * logits.shape[0] / total
 

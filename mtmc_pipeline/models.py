@@ -170,9 +170,3 @@ def load_bundle(directory: Path, device: str | torch.device = "cpu") -> tuple[nn
     )
     model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
     return model.to(device, memory_format=torch.channels_last).eval(), info
-
-
-def head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters of the classifier head (trained alone while the backbone is frozen)."""
-    head = model.get_classifier()
-    return list(head.parameters()) if isinstance(head, nn.Module) else []

@@ -27,11 +27,11 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from mtmc_pipeline.augment import AugmentSettings, BatchAugment, mixup, randaugment
 from mtmc_pipeline.checkpoint import Checkpoint
 from mtmc_pipeline.config import ConfigError, TrainConfig
-from mtmc_pipeline.data import CachedImageDataset, DecodedCache, Normalize
+from mtmc_pipeline.data import CachedImageDataset, DecodedCache, Normalize, inference_loader
 from mtmc_pipeline.evaluate import predict_logits
 from mtmc_pipeline.losses import build_loss
 from mtmc_pipeline.metrics import confusion, cross_entropy, summary_metrics
-from mtmc_pipeline.models import Preprocess, create_model, head_parameters
+from mtmc_pipeline.models import Preprocess, create_model
 from mtmc_pipeline.runtime import Runtime
 from mtmc_pipeline.schedules import Schedule, build_schedule
 from mtmc_pipeline.splits import TaskDataError
@@ -62,20 +62,21 @@ def _monitor_value(metrics: dict[str, float], monitor: str) -> float:
     return -metrics["val_loss"] if monitor == "val_loss" else metrics[monitor]
 
 
-def _set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
-    head = {id(p) for p in head_parameters(model)}
-    for p in model.parameters():
-        if id(p) not in head:
-            p.requires_grad_(trainable)
+def _train_mode(model: nn.Module, freeze_backbone: bool) -> None:
+    """``model.train()``, with everything outside the classifier head frozen or trainable.
 
-
-def _freeze_backbone_norms(model: nn.Module) -> None:
-    """Batch norm layers outside the head to eval mode (after ``model.train()``), so a frozen
-    backbone keeps its running statistics too, not only its weights."""
-    classifier = model.get_classifier()
-    head = {id(m) for m in classifier.modules()} if isinstance(classifier, nn.Module) else set()
+    A frozen backbone keeps its running statistics too, not only its weights: its batch norm
+    layers go to eval mode.
+    """
+    head = model.get_classifier()
+    in_head = {id(m) for m in head.modules()} if isinstance(head, nn.Module) else set()
+    model.train()
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in head:
+        if id(m) in in_head:
+            continue
+        for p in m.parameters(recurse=False):
+            p.requires_grad_(not freeze_backbone)
+        if freeze_backbone and isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
 
 
@@ -279,6 +280,7 @@ def train_model(
         cache, train_rows["content_hash"], train_rows["label"], randaugment(config)
     )
     val_ds = CachedImageDataset(cache, val_rows["content_hash"], val_rows["label"])
+    val_loader = inference_loader(val_ds, config.batch_size * 2, runtime)
     y_val = val_rows["label"].to_numpy()
 
     generator = torch.Generator().manual_seed(config.seed)
@@ -319,10 +321,7 @@ def train_model(
         end_epoch = start_epoch  # the killed run had already stopped early
     for epoch in range(start_epoch, end_epoch):
         frozen = epoch < config.freeze_epochs
-        _set_backbone_trainable(model, not frozen)
-        model.train()
-        if frozen:
-            _freeze_backbone_norms(model)
+        _train_mode(model, freeze_backbone=frozen)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=runtime.device)
         norm_sum = torch.zeros((), device=runtime.device)
@@ -346,8 +345,10 @@ def train_model(
             loss_sum += loss.detach() * len(y)
             count += len(y)
             steps += 1
+        if runtime.device.type == "cuda":
+            torch.cuda.synchronize(runtime.device)  # count the queued kernels in the epoch
         train_seconds = time.perf_counter() - t0
-        logits = predict_logits(eval_model, val_ds, normalize, runtime, config.batch_size * 2)
+        logits = predict_logits(eval_model, val_loader, normalize, runtime)
         metrics = summary_metrics(confusion(y_val, logits.argmax(1), num_classes))
         metrics["val_loss"] = cross_entropy(logits, y_val)
         row = {
@@ -361,6 +362,7 @@ def train_model(
             "grad_norm": norm_sum.item() / max(steps, 1),
             "frozen": frozen,
             "images": count,
+            "train_seconds": train_seconds,
             "images_per_second": count / train_seconds if train_seconds > 0 else 0.0,
             "seconds": time.perf_counter() - t0,
         }
@@ -418,5 +420,5 @@ def _stalled(history: list[dict[str, Any]], best_epoch: int, config: TrainConfig
 
 def _overall_rate(history: pd.DataFrame) -> float:
     """Training images per second over all epochs (validation time excluded)."""
-    train_seconds = (history["images"] / history["images_per_second"]).sum()
+    train_seconds = history["train_seconds"].sum()
     return float(history["images"].sum() / train_seconds) if train_seconds > 0 else 0.0

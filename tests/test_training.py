@@ -73,6 +73,47 @@ def test_losses_are_finite_and_fall_when_predictions_improve(loss: str) -> None:
     assert fn(good, target) < fn(torch.zeros(4, 4), target)
 
 
+def _ghm_reference(
+    logits: torch.Tensor, target: torch.Tensor, acc_sum: torch.Tensor, bins: int, momentum: float
+) -> torch.Tensor:
+    """GHM-C written bin by bin, as the paper describes it; updates ``acc_sum`` in place."""
+    import torch.nn.functional as F
+
+    y = F.one_hot(target, logits.shape[1]).float()
+    g = (logits.sigmoid() - y).abs()
+    edges = torch.linspace(0, 1, bins + 1)
+    edges[-1] += 1e-6
+    weights = torch.zeros_like(logits)
+    valid = 0
+    for i in range(bins):
+        in_bin = (g >= edges[i]) & (g < edges[i + 1])
+        count = int(in_bin.sum())
+        if count:
+            valid += 1
+            if momentum > 0:
+                acc_sum[i] = momentum * acc_sum[i] + (1 - momentum) * count
+                weights[in_bin] = g.numel() / acc_sum[i]
+            else:
+                weights[in_bin] = g.numel() / count
+    weights = weights / max(valid, 1)
+    per_elem = F.binary_cross_entropy_with_logits(logits, y, weights, reduction="none")
+    return per_elem.sum() / g.numel()
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.75])
+def test_ghm_matches_a_bin_by_bin_reference(momentum: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    fn = build_loss(TrainConfig(loss="ghm", ghm_bins=10, ghm_momentum=momentum), 5)
+    acc_sum = torch.zeros(10)
+    for scale in (0.1, 3.0, 8.0):  # few bins hit, then most of them
+        logits = torch.randn(16, 5, generator=gen) * scale
+        target = torch.randint(0, 5, (16,), generator=gen)
+        expected = _ghm_reference(logits, target, acc_sum, 10, momentum)
+        torch.testing.assert_close(fn(logits, target), expected)
+        torch.testing.assert_close(fn.acc_sum, acc_sum)
+    assert (acc_sum > 0).sum() > 1 if momentum else torch.equal(fn.acc_sum, torch.zeros(10))
+
+
 def test_focal_alpha_weighs_each_class_as_computed_by_hand() -> None:
     import math
 
@@ -154,6 +195,26 @@ def test_offline_hub_failure_says_how_to_proceed(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as offline machines
     with pytest.raises(PretrainedUnavailableError, match="pretrained_path"):
         create_model("resnet18", 3, pretrained=True)
+
+
+def test_in_memory_images_are_the_cached_files_as_chw(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mtmc_pipeline.data as data
+
+    cache = DecodedCache(tmp_path, 8)
+    rng = np.random.default_rng(0)
+    hashes = [f"{i:02d}{'f' * 30}" for i in range(3)]
+    for h in hashes:
+        cache.path(h).parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache.path(h), rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    held = data.CachedImageDataset(cache, hashes, [0, 1, 0])
+    monkeypatch.setattr(data, "IN_MEMORY_LIMIT_BYTES", 0)
+    read = data.CachedImageDataset(cache, hashes, [0, 1, 0])
+    assert held.images is not None and read.images is None
+    for i, h in enumerate(hashes):
+        assert torch.equal(held[i][0], read[i][0])
+        assert torch.equal(held[i][0], torch.from_numpy(np.load(cache.path(h))).permute(2, 0, 1))
 
 
 def _manifest() -> tuple[pd.DataFrame, list[str]]:
@@ -391,6 +452,9 @@ def test_every_option_together_trains(tmp_path: Path) -> None:
     assert len(history) == 2 and history["frozen"].tolist() == [True, False]
     assert history[["train_loss", "val_loss", "grad_norm"]].notna().all().all()
     assert np.isfinite(history["train_loss"]).all() and (history["images"] > 0).all()
+    assert (history["train_seconds"] < history["seconds"]).all()  # validation not counted
+    overall = history["images"].sum() / history["train_seconds"].sum()
+    assert result.images_per_second == pytest.approx(overall)
 
 
 @pytest.mark.parametrize(
@@ -521,14 +585,16 @@ def test_early_stopping_keeps_the_best_epochs_weights(
     manifest, classes = _tiny_task(tmp_path / "data")
     f1 = iter([0.5, 0.9, 0.6, 0.6, 0.95, 0.95])
     validated: list[dict[str, torch.Tensor]] = []
+    loaders: list[object] = []
 
     def scripted_metrics(_: object) -> dict[str, float]:
         value = next(f1)
         return {"accuracy": value, "macro_f1": value, "balanced_accuracy": value}
 
-    def recording_predict(model: torch.nn.Module, *args: object) -> np.ndarray:
+    def recording_predict(model: torch.nn.Module, loader: object, *args: object) -> np.ndarray:
         validated.append({k: v.clone() for k, v in model.state_dict().items()})
-        return real_predict(model, *args)
+        loaders.append(loader)
+        return real_predict(model, loader, *args)
 
     real_predict = train.predict_logits
     monkeypatch.setattr(train, "summary_metrics", scripted_metrics)
@@ -542,6 +608,7 @@ def test_early_stopping_keeps_the_best_epochs_weights(
         resolve_runtime("cpu"), messages.append,
     )  # fmt: skip
     assert len(result.history) == len(validated) == 4  # epochs 3 and 4 brought no gain
+    assert all(loader is loaders[0] for loader in loaders)  # one validation loader, reused
     assert messages[-1] == "early stop: no gain in macro_f1 for 2 epochs"
     assert result.best_epoch == 1 and result.best_metrics["macro_f1"] == 0.9
     weights = result.model.state_dict()

@@ -33,6 +33,7 @@ from mtmc_pipeline.stages.common import (
 from mtmc_pipeline.train import train_model
 
 CHECKPOINT_FILE = "model-checkpoint.safetensors"
+HISTORY_FILE = "history.parquet"
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr"]
 
 
@@ -95,16 +96,18 @@ def run_training(
             "resumed_at_epoch": result.resumed_at_epoch,
             "trained_at": pd.Timestamp.now(tz="UTC").isoformat(),
         }
+        history = result.history
         with af.atomic_dir(art.model_dir) as tmp:
             save_bundle(tmp, result.model, info)
-            af.write_parquet(tmp / "history.parquet", result.history)
+            af.write_parquet(tmp / HISTORY_FILE, history)
         checkpoint.clear()
-    info = af.read_json(model_json)
-    history = af.read_parquet(art.model_dir / "history.parquet")
+    else:
+        info = af.read_json(model_json)
+        history = af.read_parquet(art.model_dir / HISTORY_FILE)
     md = {
         "arch": info["arch"],
         "parameters": info["parameters"],
-        "device": runtime.describe() if not reused else info["device"],
+        "device": info["device"],
         "precision": info["precision"],
         "best_epoch": info["best_epoch"] + 1,
         "epochs_run": info["epochs_run"],

@@ -362,7 +362,7 @@ def train_model(
             "grad_norm": norm_sum.item() / max(steps, 1),
             "frozen": frozen,
             "images": count,
-            "train_seconds": train_seconds,
+            "step_seconds": train_seconds,
             "images_per_second": count / train_seconds if train_seconds > 0 else 0.0,
             "seconds": time.perf_counter() - t0,
         }
@@ -420,5 +420,5 @@ def _stalled(history: list[dict[str, Any]], best_epoch: int, config: TrainConfig
 
 def _overall_rate(history: pd.DataFrame) -> float:
     """Training images per second over all epochs (validation time excluded)."""
-    train_seconds = history["train_seconds"].sum()
-    return float(history["images"].sum() / train_seconds) if train_seconds > 0 else 0.0
+    seconds = history["step_seconds"].sum()
+    return float(history["images"].sum() / seconds) if seconds > 0 else 0.0

@@ -162,7 +162,7 @@ def test_killed_training_resumes_and_ends_as_an_uninterrupted_run(
     a = load_file(str(killed.model_dir / "weights.safetensors"))
     b = load_file(str(whole.model_dir / "weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    timing = ["images_per_second", "train_seconds", "seconds"]
+    timing = ["images_per_second", "step_seconds", "seconds"]
     ha = pd.read_parquet(killed.model_dir / "history.parquet").drop(columns=timing)
     hb = pd.read_parquet(whole.model_dir / "history.parquet").drop(columns=timing)
     pd.testing.assert_frame_equal(ha, hb)

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.parquet as pq
 
 from mtmc_pipeline import artifacts as af
 from mtmc_pipeline.artifacts import TaskArtifacts, stored_fingerprint
@@ -22,7 +21,7 @@ from mtmc_pipeline.config import TrainConfig
 from mtmc_pipeline.models import MODEL_FILE, save_bundle
 from mtmc_pipeline.plots import history_png
 from mtmc_pipeline.runtime import Runtime
-from mtmc_pipeline.splits import class_names_from_schema
+from mtmc_pipeline.splits import read_manifest
 from mtmc_pipeline.stages.common import (
     Png,
     StageResult,
@@ -55,8 +54,7 @@ def run_training(
     model_json = art.model_dir / MODEL_FILE
     reused = stored_fingerprint(model_json) == fp
     if not reused:
-        manifest = af.read_parquet(art.splits)
-        classes = class_names_from_schema(pq.read_schema(art.splits))
+        manifest, classes = read_manifest(art.splits)
         weights = af.read_parquet(art.sampling_weights)
         class_weight = None
         if config.class_weights:

@@ -25,7 +25,7 @@ import dagster as dg
 from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
 from dagster._core.loader import LoadingContextForTest
 
-from mtmc_pipeline.layout import DataRootError, discover_tasks
+from mtmc_pipeline.data.layout import DataRootError, discover_tasks
 
 if TYPE_CHECKING:
     from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph

@@ -16,7 +16,7 @@ import dagster as dg
 from assets import automation
 from assets.factory import build_leaderboard, build_task_assets, task_key
 from assets.resources import default_resources
-from mtmc_pipeline.layout import DataRootError, discover_tasks
+from mtmc_pipeline.data.layout import DataRootError, discover_tasks
 
 log = logging.getLogger(__name__)
 

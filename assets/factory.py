@@ -31,9 +31,9 @@ from assets.resources import ArtifactStore, TorchDevice
 from mtmc_pipeline import stages
 from mtmc_pipeline.artifacts import UnsafePathError
 from mtmc_pipeline.config import ConfigError, TaskConfig, load_task_config
+from mtmc_pipeline.data.layout import DataRootError
+from mtmc_pipeline.data.splits import TaskDataError
 from mtmc_pipeline.errors import DeviceError, PretrainedUnavailableError
-from mtmc_pipeline.layout import DataRootError
-from mtmc_pipeline.splits import TaskDataError
 
 STAGES = (
     "raw_images",

@@ -36,7 +36,7 @@ from PIL import Image
 from mtmc_pipeline import stages
 from mtmc_pipeline.artifacts import TaskArtifacts
 from mtmc_pipeline.config import IntegrityConfig, ScanConfig
-from mtmc_pipeline.layout import scan_task
+from mtmc_pipeline.data.layout import scan_task
 
 
 def write_task(task: Path, files: int, classes: int, side: int, seed: int = 0) -> list[Path]:

@@ -25,12 +25,12 @@ import torch
 from PIL import Image
 
 from mtmc_pipeline.artifacts import write_json
-from mtmc_pipeline.calibrate import CALIBRATOR_FILE, Calibrator, threshold_table
 from mtmc_pipeline.config import default_levels
-from mtmc_pipeline.data import Normalize
-from mtmc_pipeline.models import Preprocess, create_model, save_bundle
-from mtmc_pipeline.predict import Predictor, decode_image
+from mtmc_pipeline.evaluation.calibrate import CALIBRATOR_FILE, Calibrator, threshold_table
 from mtmc_pipeline.runtime import Runtime, resolve_runtime
+from mtmc_pipeline.serving.predict import Predictor, decode_image
+from mtmc_pipeline.training.loader import Normalize
+from mtmc_pipeline.training.models import Preprocess, create_model, save_bundle
 
 
 def write_images(folder: Path, n: int, side: int) -> list[Path]:

@@ -3,8 +3,8 @@
 Both train the same timm model with the same batch size, optimizer and learning rate on the
 same decoded images held in memory (scikit-learn's digits, resized to ``--img-size``):
 
-- pipeline: :func:`mtmc_pipeline.train.train_model` with the given recipe (its loader, sampler,
-  on-device augmentation, schedule, gradient-norm tracking, AMP), images/s of its training
+- pipeline: :func:`mtmc_pipeline.training.train.train_model` with the given recipe (its loader,
+  sampler, on-device augmentation, schedule, gradient-norm tracking, AMP), images/s of its training
   phase as recorded in its history (validation excluded);
 - bare: a loop a practitioner would write: shuffle indices, slice the uint8 tensor, normalise,
   forward, backward, AdamW step. No augmentation.
@@ -40,11 +40,11 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 
 from mtmc_pipeline.config import TrainConfig
-from mtmc_pipeline.data import CachedImageDataset, DecodedCache, Normalize
 from mtmc_pipeline.demo import write_digits
-from mtmc_pipeline.models import Preprocess
 from mtmc_pipeline.runtime import Runtime, resolve_runtime
-from mtmc_pipeline.train import train_model
+from mtmc_pipeline.training.loader import CachedImageDataset, DecodedCache, Normalize
+from mtmc_pipeline.training.models import Preprocess
+from mtmc_pipeline.training.train import train_model
 
 
 def digits_manifest(root: Path, train_images: int) -> tuple[pd.DataFrame, list[str]]:

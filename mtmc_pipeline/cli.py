@@ -42,10 +42,10 @@ def write_table(df: pd.DataFrame, out: Path) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from mtmc_pipeline.calibrate import CALIBRATOR_FILE
-    from mtmc_pipeline.models import MODEL_FILE
-    from mtmc_pipeline.predict import Predictor, expand_inputs
+    from mtmc_pipeline.evaluation.calibrate import CALIBRATOR_FILE
     from mtmc_pipeline.runtime import resolve_runtime
+    from mtmc_pipeline.serving.predict import Predictor, expand_inputs
+    from mtmc_pipeline.training.models import MODEL_FILE
 
     art = TaskArtifacts(Path(args.artifacts), args.task)
     out = Path(args.out)

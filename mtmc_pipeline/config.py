@@ -65,7 +65,7 @@ class IntegrityConfig(_Section):
     @field_validator("severity")
     @classmethod
     def _known_issue_codes(cls, severity: dict[str, str]) -> dict[str, str]:
-        from mtmc_pipeline.integrity import ISSUES  # the codes live with the checks
+        from mtmc_pipeline.data.integrity import ISSUES  # the codes live with the checks
 
         unknown = sorted(set(severity) - set(ISSUES))
         if unknown:
@@ -192,7 +192,7 @@ class TrainConfig(_Section):
     @field_validator("model")
     @classmethod
     def _is_timm_model(cls, name: str) -> str:
-        from mtmc_pipeline.models import model_name_problem  # imports timm: only when set
+        from mtmc_pipeline.training.models import model_name_problem  # imports timm: only when set
 
         problem = model_name_problem(name)
         if problem:

@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from matplotlib.ft2font import FT2Font
 
-from mtmc_pipeline.metrics import row_fractions
+from mtmc_pipeline.evaluation.metrics import row_fractions
 
 MAX_LABEL_CHARS = 24
 

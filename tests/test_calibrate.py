@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import brier_score_loss, log_loss
 
-from mtmc_pipeline.calibrate import (
+from mtmc_pipeline.config import CalibrationConfig
+from mtmc_pipeline.evaluation.calibrate import (
     Calibrator,
     calibrate,
     calibration_errors,
@@ -18,8 +19,7 @@ from mtmc_pipeline.calibrate import (
     reliability_bins,
     threshold_table,
 )
-from mtmc_pipeline.config import CalibrationConfig
-from mtmc_pipeline.metrics import cross_entropy, softmax
+from mtmc_pipeline.evaluation.metrics import cross_entropy, softmax
 
 LEVELS = [round(0.1 + 0.02 * i, 2) for i in range(45)]
 

@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 import torch
 
-from mtmc_pipeline.calibrate import Calibrator
 from mtmc_pipeline.cli import main
 from mtmc_pipeline.demo import PATTERN_CLASSES
-from mtmc_pipeline.metrics import softmax
-from mtmc_pipeline.predict import COLUMNS
+from mtmc_pipeline.evaluation.calibrate import Calibrator
+from mtmc_pipeline.evaluation.metrics import softmax
+from mtmc_pipeline.serving.predict import COLUMNS
 from tests.conftest import Materialized
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import pytest
 from mtmc_pipeline import stages
 from mtmc_pipeline.artifacts import TaskArtifacts
 from mtmc_pipeline.config import IntegrityConfig, SamplingConfig, ScanConfig, SplitConfig
-from mtmc_pipeline.splits import TaskDataError, class_names_from_schema
+from mtmc_pipeline.data.splits import TaskDataError, class_names_from_schema
 from tests.images import image_bytes, write
 
 

@@ -13,9 +13,9 @@ from sklearn.metrics import average_precision_score, precision_recall_fscore_sup
 
 from mtmc_pipeline import artifacts as af
 from mtmc_pipeline.artifacts import TaskArtifacts
-from mtmc_pipeline.calibrate import calibration_errors
 from mtmc_pipeline.demo import write_digits
-from mtmc_pipeline.metrics import cross_entropy, softmax
+from mtmc_pipeline.evaluation.calibrate import calibration_errors
+from mtmc_pipeline.evaluation.metrics import cross_entropy, softmax
 from mtmc_pipeline.stages.reporting import leaderboard_row
 from tests import stage_runner
 from tests.conftest import Materialized

@@ -19,10 +19,10 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFile
 
-from mtmc_pipeline import integrity
 from mtmc_pipeline.config import IntegrityConfig
-from mtmc_pipeline.integrity import check_integrity, task_findings
-from mtmc_pipeline.layout import scan_task
+from mtmc_pipeline.data import integrity
+from mtmc_pipeline.data.integrity import check_integrity, task_findings
+from mtmc_pipeline.data.layout import scan_task
 from tests.images import image_bytes, write
 
 

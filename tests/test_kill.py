@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from mtmc_pipeline.artifacts import TaskArtifacts, read_json, stored_fingerprint
-from mtmc_pipeline.models import load_bundle
+from mtmc_pipeline.training.models import load_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = "pattern"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mtmc_pipeline.layout import DataRootError, discover_tasks, listing_fingerprint, scan_task
+from mtmc_pipeline.data.layout import DataRootError, discover_tasks, listing_fingerprint, scan_task
 
 
 def _touch(path: Path, data: bytes = b"x") -> None:

@@ -16,7 +16,7 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
-from mtmc_pipeline.metrics import (
+from mtmc_pipeline.evaluation.metrics import (
     average_precision,
     confusion,
     cross_entropy,

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from safetensors.torch import load_file
 
+from mtmc_pipeline.data.splits import class_names_from_schema
 from mtmc_pipeline.demo import PATTERN_CLASSES, PLANTED
-from mtmc_pipeline.splits import class_names_from_schema
 from tests.conftest import Materialized, tree_digest
 
 TASK_FILES = [

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from mtmc_pipeline.config import SamplingConfig
-from mtmc_pipeline.sampling import class_weights, sampling_weights
+from mtmc_pipeline.data.sampling import class_weights, sampling_weights
 
 COUNTS = np.array([100, 25, 4])
 

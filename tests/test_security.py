@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtmc_pipeline.models import PretrainedUnavailableError, read_weights
+from mtmc_pipeline.training.models import PretrainedUnavailableError, read_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted([*ROOT.glob("mtmc_pipeline/**/*.py"), *ROOT.glob("assets/**/*.py")])

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from mtmc_pipeline.config import SplitConfig
-from mtmc_pipeline.splits import TaskDataError, leaking_hashes, make_splits
+from mtmc_pipeline.data.splits import TaskDataError, leaking_hashes, make_splits
 
 
 def _usable(counts: dict[str, int], split_dir: str = "none", offset: int = 0) -> pd.DataFrame:

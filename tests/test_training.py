@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mtmc_pipeline.augment import AugmentSettings, BatchAugment
 from mtmc_pipeline.config import ConfigError, TrainConfig
-from mtmc_pipeline.data import DecodedCache
-from mtmc_pipeline.losses import build_loss
-from mtmc_pipeline.models import PretrainedUnavailableError, create_model
 from mtmc_pipeline.runtime import Runtime, resolve_runtime
-from mtmc_pipeline.train import train_model
+from mtmc_pipeline.training.augment import AugmentSettings, BatchAugment
+from mtmc_pipeline.training.loader import DecodedCache
+from mtmc_pipeline.training.losses import build_loss
+from mtmc_pipeline.training.models import PretrainedUnavailableError, create_model
+from mtmc_pipeline.training.train import train_model
 
 
 def test_batch_augment_keeps_shape_range_and_is_seeded() -> None:
@@ -46,7 +46,7 @@ def test_full_crop_without_jitter_is_identity() -> None:
 def test_batched_flip_and_crop_match_torchvision() -> None:
     from torchvision.transforms.v2 import functional as tvf
 
-    from mtmc_pipeline.augment import hflips, resized_crops
+    from mtmc_pipeline.training.augment import hflips, resized_crops
 
     x = torch.rand(2, 3, 16, 16) * 255
     flipped = hflips(x, torch.tensor([True, False]))
@@ -136,7 +136,7 @@ def test_focal_alpha_weighs_each_class_as_computed_by_hand() -> None:
 
 
 def test_optimizer_decays_matrices_only_and_sgd_momentum_is_chosen() -> None:
-    from mtmc_pipeline.train import build_optimizer
+    from mtmc_pipeline.training.train import build_optimizer
 
     model = create_model("test_resnet", 3)
     opt = build_optimizer(model, TrainConfig(weight_decay=0.05))
@@ -200,7 +200,7 @@ def test_offline_hub_failure_says_how_to_proceed(monkeypatch: pytest.MonkeyPatch
 def test_in_memory_images_are_the_cached_files_as_chw(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import mtmc_pipeline.data as data
+    import mtmc_pipeline.training.loader as data
 
     cache = DecodedCache(tmp_path, 8)
     rng = np.random.default_rng(0)
@@ -269,7 +269,7 @@ def _lrs_per_epoch(
     config: TrainConfig, metrics: list[float] | None = None
 ) -> tuple[list[float], float]:
     """The learning rate each epoch starts with (10 updates an epoch), and the final one."""
-    from mtmc_pipeline.schedules import build_schedule
+    from mtmc_pipeline.training.schedules import build_schedule
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
     schedule = build_schedule(opt, config, updates_per_epoch=10)
@@ -325,7 +325,7 @@ def test_plateau_decays_when_the_metric_stalls() -> None:
 
 
 def test_gradient_clipping_limits_the_update_and_reports_the_norm() -> None:
-    from mtmc_pipeline.train import _Stepper
+    from mtmc_pipeline.training.train import _Stepper
 
     model = torch.nn.Linear(4, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
@@ -338,7 +338,7 @@ def test_gradient_clipping_limits_the_update_and_reports_the_norm() -> None:
 
 
 def test_soft_targets_give_the_same_loss_as_indices() -> None:
-    from mtmc_pipeline.losses import soft_targets
+    from mtmc_pipeline.training.losses import soft_targets
 
     logits = torch.randn(6, 4)
     target = torch.tensor([0, 1, 2, 3, 0, 1])
@@ -365,8 +365,8 @@ def test_class_weights_scale_each_class_term() -> None:
 def test_balanced_sampling_evens_out_classes_and_can_be_switched_off() -> None:
     from torch.utils.data import TensorDataset
 
-    from mtmc_pipeline.sampling import sampling_weights
-    from mtmc_pipeline.train import train_loader
+    from mtmc_pipeline.data.sampling import sampling_weights
+    from mtmc_pipeline.training.train import train_loader
 
     labels = torch.tensor([0] * 90 + [1] * 10)
     data = TensorDataset(torch.zeros(100, 3, 2, 2, dtype=torch.uint8), labels)
@@ -386,7 +386,7 @@ def test_balanced_sampling_evens_out_classes_and_can_be_switched_off() -> None:
 
 
 def test_randaugment_changes_pixels_not_shape() -> None:
-    from mtmc_pipeline.augment import randaugment
+    from mtmc_pipeline.training.augment import randaugment
 
     assert randaugment(TrainConfig()) is None
     transform = randaugment(TrainConfig(randaugment=True, randaugment_magnitude=15))
@@ -407,7 +407,7 @@ def _tiny_task(root: Path) -> tuple[pd.DataFrame, list[str]]:
 
 
 def test_ema_weights_are_what_validation_and_the_bundle_use(tmp_path: Path) -> None:
-    from mtmc_pipeline.checkpoint import Checkpoint
+    from mtmc_pipeline.training.checkpoint import Checkpoint
 
     manifest, classes = _tiny_task(tmp_path / "data")
     cfg = TrainConfig(
@@ -551,7 +551,7 @@ def test_torch_device_settings_are_checked() -> None:
 def test_a_frozen_backbone_keeps_every_weight_and_statistic(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import mtmc_pipeline.train as train
+    import mtmc_pipeline.training.train as train
 
     manifest, classes = _tiny_task(tmp_path / "data")
     initial: dict[str, torch.Tensor] = {}
@@ -580,7 +580,7 @@ def test_a_frozen_backbone_keeps_every_weight_and_statistic(
 def test_early_stopping_keeps_the_best_epochs_weights(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import mtmc_pipeline.train as train
+    import mtmc_pipeline.training.train as train
 
     manifest, classes = _tiny_task(tmp_path / "data")
     f1 = iter([0.5, 0.9, 0.6, 0.6, 0.95, 0.95])
@@ -657,7 +657,7 @@ def test_the_model_asset_logs_epochs_and_shows_its_training(
 def test_mixed_precision_paths_train(tmp_path: Path, dtype: torch.dtype) -> None:
     """The GPU recipes' code paths, run on the CPU (which supports both autocast types): bf16
     autocast, and fp16 with a gradient scaler (unscaled before clipping)."""
-    from mtmc_pipeline.train import _Stepper
+    from mtmc_pipeline.training.train import _Stepper
 
     manifest, classes = _tiny_task(tmp_path / "data")
     cfg = TrainConfig(

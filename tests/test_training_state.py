@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 
 from mtmc_pipeline import stages
 from mtmc_pipeline.artifacts import TaskArtifacts
-from mtmc_pipeline.checkpoint import Checkpoint
 from mtmc_pipeline.config import load_task_config
 from mtmc_pipeline.runtime import resolve_runtime
 from mtmc_pipeline.stages.training import CHECKPOINT_FILE, run_training
+from mtmc_pipeline.training.checkpoint import Checkpoint
 
 EPOCHS = 6
 # every random stream the loop draws from: sampler, batch augmentation, RandAugment (torch),
@@ -170,7 +170,7 @@ def test_killed_training_resumes_and_ends_as_an_uninterrupted_run(
 
 
 def test_bundle_rebuilds_without_pickle(tmp_path: Path, forbid_pickle: None) -> None:
-    from mtmc_pipeline.models import create_model, load_bundle, save_bundle
+    from mtmc_pipeline.training.models import create_model, load_bundle, save_bundle
 
     model = create_model("test_resnet", 3).eval()
     info = {"arch": "test_resnet", "class_names": ["a", "b", "c"], "img_size": 16}

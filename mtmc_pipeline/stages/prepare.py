@@ -12,7 +12,7 @@ import pandas as pd
 from mtmc_pipeline import artifacts as af
 from mtmc_pipeline.artifacts import TaskArtifacts, stored_fingerprint
 from mtmc_pipeline.config import IntegrityConfig, SamplingConfig, ScanConfig, SplitConfig
-from mtmc_pipeline.integrity import (
+from mtmc_pipeline.data.integrity import (
     DEFAULT_SEVERITY,
     INTEGRITY_SCHEMA,
     ISSUES,
@@ -22,10 +22,9 @@ from mtmc_pipeline.integrity import (
     check_integrity,
     usable_rows,
 )
-from mtmc_pipeline.layout import listing_fingerprint, scan_task
-from mtmc_pipeline.plots import bar_png
-from mtmc_pipeline.sampling import sampling_weights
-from mtmc_pipeline.splits import (
+from mtmc_pipeline.data.layout import listing_fingerprint, scan_task
+from mtmc_pipeline.data.sampling import sampling_weights
+from mtmc_pipeline.data.splits import (
     TaskDataError,
     class_split_counts,
     leaking_hashes,
@@ -34,6 +33,7 @@ from mtmc_pipeline.splits import (
     read_manifest,
     splits_schema,
 )
+from mtmc_pipeline.plots import bar_png
 from mtmc_pipeline.stages.common import (
     CheckOutcome,
     Png,

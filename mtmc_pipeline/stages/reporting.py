@@ -12,10 +12,14 @@ import pandas as pd
 
 from mtmc_pipeline import artifacts as af
 from mtmc_pipeline.artifacts import TaskArtifacts, stored_fingerprint
-from mtmc_pipeline.calibrate import CALIBRATOR_FILE, CHECK_SPLIT, RELIABILITY_PNG, calibrate
 from mtmc_pipeline.config import CalibrationConfig, EvaluationConfig
-from mtmc_pipeline.evaluate import evaluate_model
-from mtmc_pipeline.models import MODEL_FILE
+from mtmc_pipeline.evaluation.calibrate import (
+    CALIBRATOR_FILE,
+    CHECK_SPLIT,
+    RELIABILITY_PNG,
+    calibrate,
+)
+from mtmc_pipeline.evaluation.evaluate import evaluate_model
 from mtmc_pipeline.runtime import Runtime
 from mtmc_pipeline.stages.common import (
     CheckOutcome,
@@ -27,6 +31,7 @@ from mtmc_pipeline.stages.common import (
     stage_fingerprint,
     upstream_fingerprint,
 )
+from mtmc_pipeline.training.models import MODEL_FILE
 
 _LOCAL_PNG = re.compile(r"!\[([^\]]*)\]\(([^()/\\]+\.png)\)")
 

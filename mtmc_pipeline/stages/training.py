@@ -16,12 +16,10 @@ import pandas as pd
 
 from mtmc_pipeline import artifacts as af
 from mtmc_pipeline.artifacts import TaskArtifacts, stored_fingerprint
-from mtmc_pipeline.checkpoint import Checkpoint
 from mtmc_pipeline.config import TrainConfig
-from mtmc_pipeline.models import MODEL_FILE, save_bundle
+from mtmc_pipeline.data.splits import read_manifest
 from mtmc_pipeline.plots import history_png
 from mtmc_pipeline.runtime import Runtime
-from mtmc_pipeline.splits import read_manifest
 from mtmc_pipeline.stages.common import (
     Png,
     StageResult,
@@ -29,7 +27,9 @@ from mtmc_pipeline.stages.common import (
     stage_fingerprint,
     upstream_fingerprint,
 )
-from mtmc_pipeline.train import train_model
+from mtmc_pipeline.training.checkpoint import Checkpoint
+from mtmc_pipeline.training.models import MODEL_FILE, save_bundle
+from mtmc_pipeline.training.train import train_model
 
 CHECKPOINT_FILE = "model-checkpoint.safetensors"
 HISTORY_FILE = "history.parquet"

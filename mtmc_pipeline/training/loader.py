@@ -18,8 +18,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
-from mtmc_pipeline.models import Preprocess
 from mtmc_pipeline.runtime import Runtime
+from mtmc_pipeline.training.models import Preprocess
 
 IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}

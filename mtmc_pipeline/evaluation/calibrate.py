@@ -23,7 +23,13 @@ from scipy.optimize import minimize_scalar
 from scipy.stats import beta
 
 from mtmc_pipeline.config import CalibrationConfig
-from mtmc_pipeline.metrics import cross_entropy, last_of_runs, one_hot, ranked_counts, softmax
+from mtmc_pipeline.evaluation.metrics import (
+    cross_entropy,
+    last_of_runs,
+    one_hot,
+    ranked_counts,
+    softmax,
+)
 from mtmc_pipeline.plots import reliability_png
 
 TABLE_COLUMNS = [

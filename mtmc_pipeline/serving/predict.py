@@ -18,11 +18,11 @@ import pandas as pd
 import torch
 
 from mtmc_pipeline.artifacts import read_json
-from mtmc_pipeline.calibrate import CALIBRATOR_FILE, Calibrator
-from mtmc_pipeline.data import Normalize, fit_square, load_rgb
-from mtmc_pipeline.metrics import softmax
-from mtmc_pipeline.models import MODEL_FILE, Preprocess, load_bundle
+from mtmc_pipeline.evaluation.calibrate import CALIBRATOR_FILE, Calibrator
+from mtmc_pipeline.evaluation.metrics import softmax
 from mtmc_pipeline.runtime import Runtime, resolve_runtime
+from mtmc_pipeline.training.loader import Normalize, fit_square, load_rgb
+from mtmc_pipeline.training.models import MODEL_FILE, Preprocess, load_bundle
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 COLUMNS = (

@@ -17,10 +17,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mtmc_pipeline.calibrate import check_finite
 from mtmc_pipeline.config import EvaluationConfig
-from mtmc_pipeline.data import CachedImageDataset, DecodedCache, Normalize, inference_loader
-from mtmc_pipeline.metrics import (
+from mtmc_pipeline.evaluation.calibrate import check_finite
+from mtmc_pipeline.evaluation.metrics import (
     confusion,
     cross_entropy,
     one_hot,
@@ -33,9 +32,15 @@ from mtmc_pipeline.metrics import (
     summary_metrics,
     top_k_accuracy,
 )
-from mtmc_pipeline.models import Preprocess, load_bundle
 from mtmc_pipeline.plots import confusion_png
 from mtmc_pipeline.runtime import Runtime
+from mtmc_pipeline.training.loader import (
+    CachedImageDataset,
+    DecodedCache,
+    Normalize,
+    inference_loader,
+)
+from mtmc_pipeline.training.models import Preprocess, load_bundle
 
 EVAL_SPLITS = ("val", "test")
 ONE_VS_REST_LOSSES = frozenset({"bce", "ghm"})

@@ -2,7 +2,7 @@
 gradient clipping, EMA, Mixup/CutMix, early stopping on a validation metric, and resuming.
 
 The best epoch's weights are what the loop returns. Images come from the decoded cache
-(:mod:`mtmc_pipeline.data`); augmentation and normalisation happen on the device once per
+(:mod:`mtmc_pipeline.training.loader`); augmentation and normalisation happen on the device once per
 batch. After every epoch the whole training state goes into a :class:`Checkpoint`, so a
 killed run continues from its last finished epoch; on the CPU (with ``num_workers=0``) the
 continued run ends with exactly the weights an uninterrupted run would have.
@@ -24,17 +24,22 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from mtmc_pipeline.augment import AugmentSettings, BatchAugment, mixup, randaugment
-from mtmc_pipeline.checkpoint import Checkpoint
 from mtmc_pipeline.config import ConfigError, TrainConfig
-from mtmc_pipeline.data import CachedImageDataset, DecodedCache, Normalize, inference_loader
-from mtmc_pipeline.evaluate import predict_logits
-from mtmc_pipeline.losses import build_loss
-from mtmc_pipeline.metrics import confusion, cross_entropy, summary_metrics
-from mtmc_pipeline.models import Preprocess, create_model
+from mtmc_pipeline.data.splits import TaskDataError
+from mtmc_pipeline.evaluation.evaluate import predict_logits
+from mtmc_pipeline.evaluation.metrics import confusion, cross_entropy, summary_metrics
 from mtmc_pipeline.runtime import Runtime
-from mtmc_pipeline.schedules import Schedule, build_schedule
-from mtmc_pipeline.splits import TaskDataError
+from mtmc_pipeline.training.augment import AugmentSettings, BatchAugment, mixup, randaugment
+from mtmc_pipeline.training.checkpoint import Checkpoint
+from mtmc_pipeline.training.loader import (
+    CachedImageDataset,
+    DecodedCache,
+    Normalize,
+    inference_loader,
+)
+from mtmc_pipeline.training.losses import build_loss
+from mtmc_pipeline.training.models import Preprocess, create_model
+from mtmc_pipeline.training.schedules import Schedule, build_schedule
 
 Log = Callable[[str], None]
 

@@ -1,0 +1,1 @@
+"""Files -> manifests: folder walk, integrity, splits, sampling weights."""

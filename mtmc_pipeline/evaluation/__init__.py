@@ -1,0 +1,1 @@
+"""Model -> numbers: metrics, evaluation, calibration."""

@@ -1,0 +1,1 @@
+"""Model -> users: prediction."""

@@ -1,0 +1,1 @@
+"""Manifests -> model: timm models, losses, augmentation, schedules, loader, the loop."""

@@ -44,20 +44,21 @@ from mtmc_pipeline.config import ConfigError
 
 @dataclass(frozen=True)
 class Distributed:
-    """This process's place among the training processes (one process: rank 0 of 1)."""
+    """This process's place among the training processes (one process: rank 0 of 1).
+
+    ``ddp``: launched by torchrun, in a process group (even of one process, which measures
+    DDP's own cost on one GPU).
+    """
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    ddp: bool = False
 
     @property
     def is_main(self) -> bool:
         """Rank 0: the one process that writes files and reports."""
         return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1
 
     def global_batch(self, batch_size: int) -> int:
         """The largest global batch up to ``batch_size`` that splits into equal shares."""
@@ -70,7 +71,7 @@ class Distributed:
 
     def shard(self, sampler: Sampler[int], batch_size: int, drop_last: bool) -> Sampler[int]:
         """This rank's view of ``sampler`` (the sampler itself for one process)."""
-        if not self.active:
+        if not self.ddp:
             return sampler
         return GlobalBatchShard(sampler, batch_size, self.rank, self.world_size, drop_last)
 
@@ -80,7 +81,7 @@ class Distributed:
         ``find_unused``: some parameters get no gradient in some steps (a frozen backbone);
         DDP must then look for them after each backward instead of waiting for them.
         """
-        if not self.active:
+        if not self.ddp:
             return model
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -89,7 +90,7 @@ class Distributed:
 
     def all_sum(self, value: torch.Tensor) -> torch.Tensor:
         """``value`` summed over the ranks (a copy; ``value`` itself for one process)."""
-        if not self.active:
+        if not self.ddp:
             return value
         total = value.clone()
         torch_dist.all_reduce(total, op=torch_dist.ReduceOp.SUM)
@@ -97,12 +98,12 @@ class Distributed:
 
     def all_sum_int(self, value: int) -> int:
         """``value`` summed over the ranks."""
-        if not self.active:
+        if not self.ddp:
             return value
         return int(self.all_sum(torch.tensor(value)).item())
 
     def barrier(self) -> None:
-        if self.active:
+        if self.ddp:
             torch_dist.barrier()
 
     @contextlib.contextmanager
@@ -162,15 +163,15 @@ def from_env(device: torch.device) -> Distributed:
     ``device`` is this process's device (``cuda:LOCAL_RANK`` on GPUs): NCCL for CUDA, gloo
     otherwise.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
+    if "RANK" not in os.environ:
         return SINGLE
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
     if not torch_dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         torch_dist.init_process_group(backend, timeout=timedelta(minutes=30), **kwargs)
-    return Distributed(rank, world_size, local_rank)
+    return Distributed(rank, world_size, local_rank, ddp=True)
 
 
 def local_device(device: str) -> str:

@@ -306,7 +306,9 @@ def train_model(
     loader = train_loader(train_ds, weights, config, runtime, generator, dist)
     normalize = Normalize(pre, runtime.device, runtime.channels_last)
     augment = (
-        BatchAugment(AugmentSettings(hflip=config.hflip), generator) if config.augment else None
+        BatchAugment(AugmentSettings(hflip=config.hflip), generator, dist.rank, dist.world_size)
+        if config.augment
+        else None
     )
     mix = mixup(config, num_classes)
     optimizer = build_optimizer(model, config)

@@ -27,6 +27,7 @@ from assets.config import (
     overrides_of,
 )
 from assets.metadata import check_result, stage_metadata
+from assets.pipes import TrainingLauncher
 from assets.resources import ArtifactStore, TorchDevice
 from mtmc_pipeline import stages
 from mtmc_pipeline.artifacts import UnsafePathError
@@ -204,17 +205,18 @@ def build_task_assets(task: str, data_root: Path) -> list[Any]:
         config: TrainOverrides,  # type: ignore[valid-type]
         artifacts: ArtifactStore,
         torch_device: TorchDevice,
+        training: TrainingLauncher,
     ):
-        from mtmc_pipeline.stages.training import run_training
-
         with user_errors(task_dir):
-            result = run_training(
-                task_dir,
-                artifacts.task(task),
-                resolve("train", config),
-                torch_device.runtime(),
-                context.log.info,
-            )
+            train, art = resolve("train", config), artifacts.task(task)
+            if training.out_of_process:  # Dagster Pipes: this step does not import torch
+                result = training.train(context, task_dir, art, train, torch_device)
+            else:
+                from mtmc_pipeline.stages.training import run_training
+
+                result = run_training(
+                    task_dir, art, train, torch_device.runtime(), context.log.info
+                )
         yield from _events(keys["model"], "model", result)
 
     @dg.asset(

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import dagster as dg
 from pydantic import Field
 
+from assets.pipes import training_launcher
 from mtmc_pipeline.artifacts import TaskArtifacts
 
 if TYPE_CHECKING:
@@ -61,4 +62,5 @@ def default_resources(artifacts_root: Path | None = None) -> dict[str, dg.Config
             num_workers=int(os.environ.get("MTMC_NUM_WORKERS", "0")),
         ),
         "artifacts": ArtifactStore(root=str(root)),
+        "training": training_launcher(),
     }

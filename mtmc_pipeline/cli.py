@@ -100,6 +100,46 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """The model stage of one task, from its splits and sampling weights; torchrun launches
+    it once per process (``torchrun --nproc-per-node N -m mtmc_pipeline.cli train ...``)."""
+    import yaml
+
+    from mtmc_pipeline.config import ConfigError, load_task_config
+    from mtmc_pipeline.data.splits import TaskDataError
+    from mtmc_pipeline.errors import DeviceError, PretrainedUnavailableError
+    from mtmc_pipeline.stages.training import run_training_process
+
+    task_dir = Path(args.task_dir)
+    art = TaskArtifacts(Path(args.artifacts), task_dir.name)
+    overrides: dict[str, object] = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep:
+            print(f"error: --set {item!r}: use NAME=VALUE, e.g. epochs=3", file=sys.stderr)
+            return 2
+        overrides[name.removeprefix("train.")] = yaml.safe_load(value)
+    missing = [p for p in (art.splits, art.sampling_weights) if not p.is_file()]
+    if missing:
+        print(
+            f"error: {missing[0]} is missing: materialise the task's splits and "
+            "sampling_weights first",
+            file=sys.stderr,
+        )
+        return 2
+    device = {"device": args.device, "precision": args.precision}
+    try:
+        config = load_task_config(task_dir, {"train": overrides}).train
+        result = run_training_process(task_dir, art, config, device)
+    except (ConfigError, TaskDataError, DeviceError, PretrainedUnavailableError) as e:
+        print(f"error: {task_dir}: {e}", file=sys.stderr)
+        return 2
+    if result is not None:
+        state = "reused" if result.reused else "written"
+        print(f"model bundle {state}: {art.model_dir}")
+    return 0
+
+
 def cmd_config_reference(args: argparse.Namespace) -> int:
     from mtmc_pipeline.config import reference_markdown
 
@@ -136,6 +176,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("summary", help="print each task's metrics and where its reports are")
     p.add_argument("--artifacts", default=str(default_artifacts()), help="artifact root")
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser(
+        "train", help="train one task's model (alone or as one of torchrun's processes)"
+    )
+    p.add_argument("task_dir", help="the task folder, e.g. data/demo/pattern")
+    p.add_argument("--artifacts", default=str(default_artifacts()), help="artifact root")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a train setting over task.yaml, e.g. --set epochs=3 (repeatable)",
+    )
+    p.add_argument(
+        "--device", default="auto", help="auto (torchrun: one GPU per process), cpu, cuda:N"
+    )
+    p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("config-reference", help="print every setting as Markdown")
     p.set_defaults(func=cmd_config_reference)

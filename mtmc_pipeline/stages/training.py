@@ -3,7 +3,7 @@
 Training checkpoints after every epoch under the task's work directory, keyed by the stage's
 input fingerprint: a materialisation that was killed continues from its last finished epoch
 the next time the same inputs and settings are materialised. The checkpoint is removed once
-the bundle is in place.
+the bundle is in place. Under torchrun every rank runs this stage and only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -19,7 +20,7 @@ from mtmc_pipeline.artifacts import TaskArtifacts, stored_fingerprint
 from mtmc_pipeline.config import TrainConfig
 from mtmc_pipeline.data.splits import read_manifest
 from mtmc_pipeline.plots import history_png
-from mtmc_pipeline.runtime import Runtime
+from mtmc_pipeline.runtime import Runtime, resolve_runtime
 from mtmc_pipeline.stages.common import (
     Png,
     StageResult,
@@ -27,7 +28,9 @@ from mtmc_pipeline.stages.common import (
     stage_fingerprint,
     upstream_fingerprint,
 )
+from mtmc_pipeline.training import distributed
 from mtmc_pipeline.training.checkpoint import Checkpoint
+from mtmc_pipeline.training.distributed import SINGLE, Distributed
 from mtmc_pipeline.training.models import MODEL_FILE, save_bundle
 from mtmc_pipeline.training.train import train_model
 
@@ -42,6 +45,7 @@ def run_training(
     config: TrainConfig,
     runtime: Runtime,
     log: Callable[[str], None] = print,
+    dist: Distributed = SINGLE,
 ) -> StageResult:
     start = time.perf_counter()
     fp = stage_fingerprint(
@@ -73,6 +77,7 @@ def run_training(
             log,
             checkpoint,
             class_weight,
+            dist,
         )
         info = {
             "arch": config.model,
@@ -88,6 +93,7 @@ def run_training(
             "metrics": result.best_metrics,
             "parameters": result.parameters,
             "device": runtime.describe(),
+            "processes": dist.world_size,
             "precision": runtime.precision,
             "train_seconds": round(result.seconds, 2),
             "images_per_second": round(result.images_per_second, 1),
@@ -95,10 +101,11 @@ def run_training(
             "trained_at": pd.Timestamp.now(tz="UTC").isoformat(),
         }
         history = result.history
-        with af.atomic_dir(art.model_dir) as tmp:
-            save_bundle(tmp, result.model, info)
-            af.write_parquet(tmp / HISTORY_FILE, history)
-        checkpoint.clear()
+        if dist.is_main:
+            with af.atomic_dir(art.model_dir) as tmp:
+                save_bundle(tmp, result.model, info)
+                af.write_parquet(tmp / HISTORY_FILE, history)
+            checkpoint.clear()
     else:
         info = af.read_json(model_json)
         history = af.read_parquet(art.model_dir / HISTORY_FILE)
@@ -121,3 +128,31 @@ def run_training(
         md["resumed_at_epoch"] = info["resumed_at_epoch"] + 1
     record_elapsed(md, start)
     return StageResult(fp, reused, md)
+
+
+def run_training_process(
+    task_dir: Path,
+    art: TaskArtifacts,
+    config: TrainConfig,
+    device: dict[str, Any],
+    log: Callable[[str], None] = print,
+) -> StageResult | None:
+    """The model stage as one training process: alone, or one of ``torchrun``'s processes.
+
+    ``device`` holds :func:`resolve_runtime`'s settings; under torchrun, ``auto`` means this
+    process's own GPU. Returns the result on rank 0 (the one that logs and writes), None on
+    the other ranks.
+    """
+    settings = {**device, "device": distributed.local_device(device.get("device", "auto"))}
+    runtime = resolve_runtime(**settings)
+    dist = distributed.from_env(runtime.device)
+    try:
+        result = run_training(task_dir, art, config, runtime, log if dist.is_main else _quiet, dist)
+        dist.barrier()  # the bundle is in place before any process reports success
+    finally:
+        distributed.shutdown()
+    return result if dist.is_main else None
+
+
+def _quiet(_: str) -> None:
+    """The log of ranks other than 0 (rank 0 speaks for all)."""

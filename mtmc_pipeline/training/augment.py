@@ -48,12 +48,22 @@ class BatchAugment:
     A batch's random parameters come from one draw on the generator's device (the CPU), one
     row per parameter, and one copy to the batch's device; the colour matrices are moved to
     a device once. Row by row the draw equals separate per-parameter draws, so the stream
-    does not depend on how it is split.
+    does not depend on how it is split. Under DDP the batch is share ``rank`` of ``shares``
+    equal shares of a global batch: the draw is the global batch's, and this share uses its
+    columns, so every image is augmented as one process would augment it.
     """
 
-    def __init__(self, settings: AugmentSettings, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        settings: AugmentSettings,
+        generator: torch.Generator | None = None,
+        rank: int = 0,
+        shares: int = 1,
+    ):
         self.s = settings
         self.generator = generator
+        self.rank = rank
+        self.shares = shares
         self._colour: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
 
     def _draws_per_image(self) -> int:
@@ -71,7 +81,8 @@ class BatchAugment:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
-        draws = torch.rand(self._draws_per_image(), n, generator=self.generator)
+        draws = torch.rand(self._draws_per_image(), n * self.shares, generator=self.generator)
+        draws = draws[:, self.rank * n : (self.rank + 1) * n]
         u = iter(draws.to(x.device))  # one row of n uniforms per random parameter, in order
         x = resized_crops(x, self.crop_boxes(u, h, w).to(x.dtype))
         if self.s.hflip:

@@ -22,7 +22,7 @@ import torch
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
 from mtmc_pipeline.config import ConfigError, TrainConfig
 from mtmc_pipeline.data.splits import TaskDataError
@@ -31,6 +31,7 @@ from mtmc_pipeline.evaluation.metrics import confusion, cross_entropy, summary_m
 from mtmc_pipeline.runtime import Runtime
 from mtmc_pipeline.training.augment import AugmentSettings, BatchAugment, mixup, randaugment
 from mtmc_pipeline.training.checkpoint import Checkpoint
+from mtmc_pipeline.training.distributed import SINGLE, Distributed
 from mtmc_pipeline.training.loader import (
     CachedImageDataset,
     DecodedCache,
@@ -120,15 +121,19 @@ def train_loader(
     config: TrainConfig,
     runtime: Runtime,
     generator: torch.Generator,
+    dist: Distributed = SINGLE,
 ) -> DataLoader:
-    """Batches of the train split: drawn by ``weights`` (balanced sampling) or shuffled."""
+    """Batches of the train split: drawn by ``weights`` (balanced sampling) or shuffled.
+
+    ``config.batch_size`` is the global batch; under DDP each rank loads its share of it.
+    """
     n = len(dataset)
     if n < 2:
         raise TaskDataError(f"the train split has {n} usable image(s); at least 2 are needed")
     batch_size = min(config.batch_size, n)
     if config.mixup_alpha or config.cutmix_alpha:
         batch_size -= batch_size % 2  # images are mixed in pairs
-    sampler = None
+    batch_size = dist.global_batch(batch_size)
     if weights is not None:
         sampler = WeightedRandomSampler(
             torch.tensor(np.asarray(weights, dtype=np.float64)),
@@ -136,12 +141,13 @@ def train_loader(
             replacement=True,
             generator=generator,
         )
+    else:
+        sampler = RandomSampler(dataset, generator=generator)  # what shuffle=True builds
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        shuffle=sampler is None,
-        generator=generator if sampler is None else None,
+        batch_size=batch_size // dist.world_size,
+        sampler=dist.shard(sampler, batch_size, drop_last=n > batch_size),
+        generator=generator if weights is None else None,
         num_workers=runtime.num_workers,
         drop_last=n > batch_size,
         pin_memory=runtime.device.type == "cuda",
@@ -245,12 +251,15 @@ def train_model(
     log: Log = print,
     checkpoint: Checkpoint | None = None,
     class_weight: Sequence[float] | None = None,
+    dist: Distributed = SINGLE,
 ) -> TrainResult:
     """Train on the manifest's train split, select the best epoch on its val split.
 
     ``sample_weights`` (the sampling stage's per-image table) drives balanced sampling when
     ``config.balanced_sampling``; ``class_weight`` (one per class) weights the loss. With a
-    ``checkpoint`` the run continues from it when it was made from the same inputs.
+    ``checkpoint`` the run continues from it when it was made from the same inputs. Under
+    ``dist`` (DDP, see :mod:`mtmc_pipeline.training.distributed`) every rank trains on its share
+    of each global batch and only rank 0 writes the checkpoint.
     """
     seed_everything(config.seed)
     num_classes = len(class_names)
@@ -275,9 +284,10 @@ def train_model(
     parameters = sum(p.numel() for p in model.parameters())
 
     cache = DecodedCache(cache_root, config.img_size, pre.interpolation)
-    decoded = cache.ensure(
-        [str(task_dir / r) for r in manifest["relpath"]], manifest["content_hash"].tolist()
-    )
+    with dist.main_first():
+        decoded = cache.ensure(
+            [str(task_dir / r) for r in manifest["relpath"]], manifest["content_hash"].tolist()
+        )
     log(f"decoded {decoded} new images into the cache ({len(manifest) - decoded} cached)")
     train_rows = manifest[manifest["split"] == "train"].reset_index(drop=True)
     val_rows = manifest[manifest["split"] == "val"].reset_index(drop=True)
@@ -293,10 +303,12 @@ def train_model(
     if config.balanced_sampling and sample_weights is not None:
         merged = train_rows[["relpath"]].merge(sample_weights, on="relpath", how="left")
         weights = merged["weight"].fillna(1.0).to_numpy()
-    loader = train_loader(train_ds, weights, config, runtime, generator)
+    loader = train_loader(train_ds, weights, config, runtime, generator, dist)
     normalize = Normalize(pre, runtime.device, runtime.channels_last)
     augment = (
-        BatchAugment(AugmentSettings(hflip=config.hflip), generator) if config.augment else None
+        BatchAugment(AugmentSettings(hflip=config.hflip), generator, dist.rank, dist.world_size)
+        if config.augment
+        else None
     )
     mix = mixup(config, num_classes)
     optimizer = build_optimizer(model, config)
@@ -305,6 +317,7 @@ def train_model(
     ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema else None
     eval_model = ema.module if ema is not None else model
     parts = _Parts(model, optimizer, schedule, stepper, criterion, ema, generator, runtime.device)
+    net = dist.wrap(model, runtime.device, find_unused=config.freeze_epochs > 0)
 
     history: list[dict[str, Any]] = []
     best_value, best_epoch, best_state = -np.inf, -1, None
@@ -340,7 +353,7 @@ def train_model(
             if mix is not None:
                 x, target = mix(x, y)
             with runtime.autocast():
-                loss = criterion(model(normalize(x)), target)
+                loss = criterion(net(normalize(x)), target)
             lr = optimizer.param_groups[0]["lr"]
             norm_sum += stepper(loss).detach()
             updates += 1
@@ -353,6 +366,8 @@ def train_model(
         if runtime.device.type == "cuda":
             torch.cuda.synchronize(runtime.device)  # count the queued kernels in the epoch
         train_seconds = time.perf_counter() - t0
+        loss_sum = dist.all_sum(loss_sum)
+        count = dist.all_sum_int(count)
         logits = predict_logits(eval_model, val_loader, normalize, runtime)
         metrics = summary_metrics(confusion(y_val, logits.argmax(1), num_classes))
         metrics["val_loss"] = cross_entropy(logits, y_val)
@@ -378,7 +393,7 @@ def train_model(
         if improved:
             best_value, best_epoch, best_metrics = value, epoch, metrics
             best_state = _cpu_copy(eval_model)
-        if checkpoint is not None:
+        if checkpoint is not None and dist.is_main:
             checkpoint.save(
                 {
                     **parts.state(),

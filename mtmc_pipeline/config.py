@@ -56,6 +56,24 @@ class IntegrityConfig(_Section):
         0.05, ge=0, le=1, description="Blocking check: fraction of files with errors allowed."
     )
     workers: int = Field(0, ge=0, description="Decode processes; 0 means one per CPU core.")
+    near_duplicates: bool = Field(
+        True,
+        description="Find near copies (re-encoded, resized) by perceptual hash and colour "
+        "thumbnail: near_duplicate, near_duplicate_conflict, near_duplicate_leak.",
+    )
+    near_duplicate_distance: int = Field(
+        10,
+        ge=0,
+        le=32,
+        description="Near copies: most differing bits of the 64-bit perceptual hashes.",
+    )
+    near_duplicate_colour: float = Field(
+        4.0,
+        ge=0,
+        le=255,
+        description="Near copies: most mean absolute difference (0-255) of the 4x4 colour "
+        "thumbnails.",
+    )
     severity: dict[str, Literal["error", "warn", "ignore"]] = Field(
         default_factory=dict,
         description="Override the severity of an issue code: error (excluded from training), "

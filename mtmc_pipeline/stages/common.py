@@ -22,7 +22,7 @@ from mtmc_pipeline.artifacts import fingerprint, stored_data_version
 CODE_VERSIONS: dict[str, str] = {
     "raw_images": "1",
     "inventory": "1",
-    "integrity": "1",
+    "integrity": "2",
     "splits": "1",
     "sampling_weights": "1",
     "model": "1",

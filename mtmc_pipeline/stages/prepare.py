@@ -33,7 +33,7 @@ from mtmc_pipeline.data.splits import (
     read_manifest,
     splits_schema,
 )
-from mtmc_pipeline.plots import bar_png
+from mtmc_pipeline.plots import bar_png, thumbnails_png
 from mtmc_pipeline.stages.common import (
     CheckOutcome,
     Png,
@@ -112,6 +112,7 @@ def run_integrity(task_dir: Path, art: TaskArtifacts, config: IntegrityConfig) -
             schema=INTEGRITY_SCHEMA,
         )
     md = integrity_metadata(df, summary)
+    md.update(near_duplicate_preview(df, task_dir))
     md["path"] = str(art.integrity)
     record_elapsed(md, start, summary.get("decoded", 0), "decoded")
     return StageResult(fp, reused, md, integrity_checks(df, config, task_dir))
@@ -161,13 +162,40 @@ def integrity_metadata(df: pd.DataFrame, summary: dict[str, Any]) -> dict[str, A
     return md
 
 
+def near_duplicate_preview(
+    df: pd.DataFrame, task_dir: Path, max_groups: int = 12, max_members: int = 6
+) -> dict[str, Any]:
+    """The near-duplicate groups as a count, a table and thumbnails (first groups only)."""
+    members = df[df["near_duplicate_group"].notna()]
+    if members.empty:
+        return {"near_duplicate_groups": 0}
+    members = members.sort_values(["near_duplicate_group", "relpath"])
+    groups = [g.head(max_members) for _, g in members.groupby("near_duplicate_group")]
+    rows = [
+        [
+            (str(task_dir / r.relpath), f"{r.split_dir}/{r.class_name}\n{r.status}")
+            for r in g.itertuples()
+        ]
+        for g in groups[:max_groups]
+    ]
+    table = members[["near_duplicate_group", "relpath", "class_name", "status", "issues"]]
+    return {
+        "near_duplicate_groups": len(groups),
+        "near_duplicate_files": len(members),
+        "near_duplicate_table": table.assign(issues=table["issues"].map(", ".join)).head(50),
+        "near_duplicate_thumbnails": Png(
+            thumbnails_png(rows, f"near-duplicate groups (first {len(rows)} of {len(groups)})")
+        ),
+    }
+
+
 def integrity_checks(
     df: pd.DataFrame, config: IntegrityConfig, task_dir: Path
 ) -> dict[str, CheckOutcome]:
     n = max(len(df), 1)
     errors = int((df["status"] == "error").sum())
     fraction = errors / n
-    leaks = df[df["issues"].map(lambda c: "cross_split_leak" in c)]
+    leaks = df[df["issues"].map(lambda c: "cross_split_leak" in c or "near_duplicate_leak" in c)]
     return {
         "error_fraction": CheckOutcome(
             fraction <= config.max_error_fraction,
@@ -178,7 +206,7 @@ def integrity_checks(
         ),
         "no_split_leakage": CheckOutcome(
             leaks.empty,
-            f"{len(leaks)} files have identical bytes in another split folder"
+            f"{len(leaks)} files have identical bytes or a near copy in an earlier split folder"
             + (" (they are excluded)" if len(leaks) else ""),
             "warn",
             {"leaking_files": leaks["relpath"].head(20).tolist()},
@@ -203,7 +231,7 @@ def run_splits(art: TaskArtifacts, config: SplitConfig) -> StageResult:
         integrity = af.read_parquet(art.integrity)
         same_settings = _splits_settings(art.splits) == config.model_dump()
         previous = (
-            af.read_parquet(art.splits, columns=["content_hash", "split"])
+            af.read_parquet(art.splits, columns=["content_hash", "split", "fold"])
             if same_settings
             else None
         )

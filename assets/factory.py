@@ -181,7 +181,7 @@ def build_task_assets(task: str, data_root: Path) -> list[Any]:
     )
     def splits(config: SplitOverrides, artifacts: ArtifactStore):  # type: ignore[valid-type]
         with user_errors(task_dir):
-            result = stages.run_splits(artifacts.task(task), resolve("split", config))
+            result = stages.run_splits(artifacts.task(task), resolve("split", config), task_dir)
         yield from _events(keys["splits"], "splits", result)
 
     @dg.asset(

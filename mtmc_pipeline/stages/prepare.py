@@ -23,6 +23,7 @@ from mtmc_pipeline.data.integrity import (
     usable_rows,
 )
 from mtmc_pipeline.data.layout import listing_fingerprint, scan_task
+from mtmc_pipeline.data.review import Review, apply_review, read_review
 from mtmc_pipeline.data.sampling import sampling_weights
 from mtmc_pipeline.data.splits import (
     TaskDataError,
@@ -218,15 +219,28 @@ def _splits_settings(path: Path) -> dict[str, Any] | None:
     return af.parquet_meta(path).get("split_config") if path.exists() else None
 
 
-def run_splits(art: TaskArtifacts, config: SplitConfig) -> StageResult:
+def run_splits(
+    art: TaskArtifacts, config: SplitConfig, task_dir: Path | None = None
+) -> StageResult:
+    """The split manifest of the usable images, after the task's ``review.csv`` (when
+    ``task_dir`` is given) has dropped and relabelled the images it names."""
     start = time.perf_counter()
+    listed = af.read_parquet(art.inventory, columns=["relpath", "class_name"])
+    inventory_classes = sorted(listed["class_name"].unique())
+    review = (
+        read_review(task_dir, set(listed["relpath"]), inventory_classes) if task_dir else Review()
+    )
     fp = stage_fingerprint(
-        "splits", upstream_fingerprint(art.integrity, "integrity"), config.model_dump()
+        "splits",
+        upstream_fingerprint(art.integrity, "integrity"),
+        config.model_dump(),
+        review.digest,
     )
     reused = stored_fingerprint(art.splits) == fp
     if reused:
         manifest, classes = read_manifest(art.splits)
         content = upstream_fingerprint(art.splits, "splits")
+        changed = af.parquet_meta(art.splits).get("review", {})
     else:
         integrity = af.read_parquet(art.integrity)
         same_settings = _splits_settings(art.splits) == config.model_dump()
@@ -235,26 +249,28 @@ def run_splits(art: TaskArtifacts, config: SplitConfig) -> StageResult:
             if same_settings
             else None
         )
-        manifest, classes = make_splits(usable_rows(integrity), config, previous, art.task)
+        usable, changed = apply_review(usable_rows(integrity), review)
+        manifest, classes = make_splits(usable, config, previous, art.task)
         content = manifest_fingerprint(manifest, classes)
         af.write_parquet(
             art.splits,
             manifest,
             fp,
-            meta={"split_config": config.model_dump()},
+            meta={"split_config": config.model_dump(), "review": changed},
             schema=splits_schema(classes),
             data_version=content,
         )
-    inventory_classes = sorted(
-        af.read_parquet(art.inventory, columns=["class_name"])["class_name"].unique()
-    )
-    md = {
+    md: dict[str, Any] = {
         "images": len(manifest),
         "classes": len(classes),
         "by_split": manifest["split"].value_counts().to_dict(),
         "class_by_split": class_split_counts(manifest),
+        "review_dropped": changed.get("dropped", 0),
+        "review_relabelled": changed.get("relabelled", 0),
         "path": str(art.splits),
     }
+    if review.findings:
+        md["review_findings"] = pd.DataFrame(review.findings)
     record_elapsed(md, start)
     return StageResult(content, reused, md, splits_checks(manifest, classes, inventory_classes))
 

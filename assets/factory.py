@@ -26,6 +26,7 @@ from assets.config import (
     TrainOverrides,
     overrides_of,
 )
+from assets.label_issues import build_label_issues
 from assets.metadata import check_result, stage_metadata
 from assets.resources import ArtifactStore, TorchDevice
 from mtmc_pipeline import stages
@@ -44,6 +45,7 @@ STAGES = (
     "model",
     "evaluation",
     "calibration",
+    "label_issues",
 )
 _VALID = re.compile(r"^[A-Za-z0-9_]+$")
 USER_ERRORS = (
@@ -257,6 +259,7 @@ def build_task_assets(task: str, data_root: Path) -> list[Any]:
         model,
         evaluation,
         calibration,
+        build_label_issues(task, task_dir, spec_kwargs("label_issues", ["splits"])),
     ]
 
 

@@ -299,6 +299,26 @@ class CalibrationConfig(_Section):
         return sorted(set(levels))
 
 
+class LabelQualityConfig(_Section):
+    enabled: bool = Field(
+        False, description="Train k fold models and rank suspected label errors (label_issues)."
+    )
+    folds: int = Field(5, ge=2, le=20, description="Fold models, each trained on k - 1 folds.")
+    method: Literal["self_confidence", "normalized_margin", "confidence_weighted_entropy"] = Field(
+        "self_confidence",
+        description="cleanlab label quality score that ranks the images (lowest first).",
+    )
+    filter_by: Literal[
+        "prune_by_noise_rate",
+        "prune_by_class",
+        "both",
+        "confident_learning",
+        "predicted_neq_given",
+        "low_normalized_margin",
+        "low_self_confidence",
+    ] = Field("prune_by_noise_rate", description="cleanlab find_label_issues filter_by.")
+
+
 class TaskConfig(_Section):
     scan: ScanConfig = ScanConfig()
     integrity: IntegrityConfig = IntegrityConfig()
@@ -307,6 +327,7 @@ class TaskConfig(_Section):
     train: TrainConfig = TrainConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     calibration: CalibrationConfig = CalibrationConfig()
+    label_quality: LabelQualityConfig = LabelQualityConfig()
 
 
 SECTIONS: dict[str, type[_Section]] = {

@@ -30,8 +30,6 @@ import imagehash
 import numpy as np
 import pandas as pd
 from PIL import Image
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 HASH_BITS = 64
 THUMB_SIDE = 4
@@ -106,6 +104,9 @@ def group_labels(pairs: np.ndarray, n: int) -> np.ndarray:
 
     Groups are numbered in the order of their first member.
     """
+    from scipy.sparse import coo_matrix  # not at import: the code location loads without scipy
+    from scipy.sparse.csgraph import connected_components
+
     labels = np.full(n, -1, dtype=np.int64)
     if len(pairs) == 0:
         return labels

@@ -62,7 +62,7 @@ class IntegrityConfig(_Section):
         "thumbnail: near_duplicate, near_duplicate_conflict, near_duplicate_leak.",
     )
     near_duplicate_distance: int = Field(
-        10,
+        12,
         ge=0,
         le=32,
         description="Near copies: most differing bits of the 64-bit perceptual hashes.",

@@ -13,7 +13,8 @@ from mtmc_pipeline.config import IntegrityConfig
 from mtmc_pipeline.data.integrity import check_integrity
 from mtmc_pipeline.data.layout import scan_task
 from mtmc_pipeline.data.near_duplicates import fingerprint, group_labels, near_duplicate_pairs
-from mtmc_pipeline.demo import _draw
+from mtmc_pipeline.demo import _draw, pattern_label_problems, write_pattern
+from mtmc_pipeline.stages.prepare import near_duplicate_preview
 from tests.images import write
 
 
@@ -109,3 +110,21 @@ def test_flat_images_have_no_fingerprint() -> None:
     assert fingerprint(Image.new("1", (1, 1))) == (None, None)  # flat
     h, thumb = fingerprint(_draw(0, np.random.default_rng(2), 32))
     assert len(h) == 16 and len(thumb) == 48
+
+
+def test_the_demo_plants_flips_and_near_copies_that_integrity_finds(tmp_path: Path) -> None:
+    counts = (60, 40, 40, 20, 20)
+    task = tmp_path / "pattern"
+    write_pattern(task, counts, (8, 6, 6, 4, 4), 64)
+    problems = pattern_label_problems(counts)
+    assert len(problems.flips) == 3 + 2 + 2 + 1 + 1  # 5% of each class
+    for original, (moved, true_class) in problems.flips.items():
+        assert not (task / original).exists() and (task / moved).is_file()
+        assert moved.split("/")[1] != true_class and moved.startswith("train/")
+    df, _ = check_integrity(task, scan_task(task).inventory, IntegrityConfig(workers=1))
+    group = df.set_index("relpath")["near_duplicate_group"]
+    found = [group[c] == group[s] for c, (s, _) in problems.near_copies.items()]
+    assert len(found) == 9 and sum(bool(f) for f in found) >= 8
+    preview = near_duplicate_preview(df, task)
+    assert preview["near_duplicate_groups"] >= 8
+    assert preview["near_duplicate_thumbnails"].data.startswith(b"\x89PNG")

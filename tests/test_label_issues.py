@@ -140,4 +140,7 @@ def test_stage_trains_fold_models_resumes_and_writes_the_review_list(
     assert again.reused
 
     off = load_task_config(task, {"label_quality": {"enabled": False}})
-    assert run_label_issues(task, art, off, runtime).metadata["enabled"] is False
+    first_off = run_label_issues(task, art, off, runtime)
+    assert first_off.metadata["enabled"] is False and not first_off.reused
+    assert not (out / "label_issues.parquet").exists()  # stale results do not linger
+    assert run_label_issues(task, art, off, runtime).reused

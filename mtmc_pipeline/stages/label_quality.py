@@ -47,6 +47,8 @@ SUGGESTIONS_FILE = "review-suggestions.csv"
 SUSPECTS_PNG = "suspects.png"
 NEAR_DUPLICATES_PNG = "near_duplicates.png"
 SHOWN_SUSPECTS = 24
+OFF_FILE = "off.json"
+OFF_NOTE = "Off: set label_quality.enabled: true to train the fold models and rank label errors."
 
 
 def label_issues_dir(art: TaskArtifacts) -> Path:
@@ -70,11 +72,9 @@ def run_label_issues(
         config.sampling.model_dump(),
         runtime.precision,
     )
-    if not lq.enabled:
-        return StageResult(
-            fp, False, {"enabled": False, "status": "off: set label_quality.enabled: true"}
-        )
     out = label_issues_dir(art)
+    if not lq.enabled:
+        return _off(out, fp)
     reused = stored_fingerprint(out / TABLE_FILE) == fp
     if not reused:
         manifest, classes = read_manifest(art.splits)
@@ -105,6 +105,16 @@ def run_label_issues(
     }
     record_elapsed(md, start)
     return StageResult(fp, reused, md)
+
+
+def _off(out: Path, fp: str) -> StageResult:
+    """Turned off: the stage's output is a note saying so (earlier results would be stale)."""
+    reused = stored_fingerprint(out / OFF_FILE) == fp
+    if not reused:
+        with af.atomic_dir(out) as tmp:
+            af.write_json(tmp / OFF_FILE, {"enabled": False, "fingerprint": fp})
+            af.write_text(tmp / "report.md", f"# Label quality\n\n{OFF_NOTE}\n")
+    return StageResult(fp, reused, {"enabled": False, "note": OFF_NOTE, "path": str(out)})
 
 
 def _fold_file(fold: int) -> str:

@@ -61,14 +61,19 @@ def _chunks(max_distance: int) -> list[tuple[int, int]]:
     return [(int(lo), (1 << int(hi - lo)) - 1) for lo, hi in itertools.pairwise(bounds)]
 
 
-def _same_key_pairs(keys: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """All index pairs (i, j), i != j, with ``keys[i] == keys[j]``, in batches.
+def _same_key_pairs(
+    keys: np.ndarray, level: np.ndarray, max_gap: float
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """All index pairs (i, j), i != j, with ``keys[i] == keys[j]`` and ``level`` at most
+    ``max_gap`` apart, in batches.
 
-    After sorting, the members of one key are contiguous: batch ``k`` pairs each member with
-    the member ``k`` places after it, and only members that have one stay active.
+    After sorting by key, then level, the members of one key are contiguous: batch ``k`` pairs
+    each member with the member ``k`` places after it, and a member stays active while it has
+    one within the gap (the levels only grow along the key's run).
     """
-    order = np.argsort(keys, kind="stable")
+    order = np.lexsort((level, keys))
     sorted_keys = keys[order]
+    sorted_level = level[order]
     start = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
     sizes = np.diff(np.r_[start, len(keys)])
     bucket = np.repeat(np.arange(len(start)), sizes)
@@ -76,6 +81,7 @@ def _same_key_pairs(keys: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]
     active = np.flatnonzero(after > 0)
     offset = 1
     while len(active):
+        active = active[sorted_level[active + offset] - sorted_level[active] <= max_gap]
         yield order[active], order[active + offset]
         offset += 1
         active = active[after[active] >= offset]
@@ -88,9 +94,12 @@ def near_duplicate_pairs(
     ``thumbs`` (uint8, n x 48)."""
     found = []
     thumbs = thumbs.astype(np.int16)
+    # the mean of the 48 thumbnail values differs by at most their mean absolute difference:
+    # pairs further apart in it cannot match and are never formed
+    level = thumbs.mean(axis=1)
     for shift, mask in _chunks(max_distance):
         keys = (hashes >> np.uint64(shift)) & np.uint64(mask)
-        for a, b in _same_key_pairs(keys):
+        for a, b in _same_key_pairs(keys, level, max_colour + 1e-9):
             close = np.bitwise_count(hashes[a] ^ hashes[b]) <= max_distance
             a, b = a[close], b[close]
             same_colour = np.abs(thumbs[a] - thumbs[b]).mean(axis=1) <= max_colour

@@ -235,7 +235,7 @@ def thumbnails_png(rows: Sequence[Sequence[tuple[str, str]]], title: str, side: 
     fig, axes = plt.subplots(
         max(len(rows), 1),
         width,
-        figsize=(1.5 * width, 1.7 * max(len(rows), 1) + 0.4),
+        figsize=(1.9 * width, 2.0 * max(len(rows), 1) + 0.4),
         squeeze=False,
     )
     k = 0

@@ -46,7 +46,7 @@ TABLE_FILE = "label_issues.parquet"
 SUGGESTIONS_FILE = "review-suggestions.csv"
 SUSPECTS_PNG = "suspects.png"
 NEAR_DUPLICATES_PNG = "near_duplicates.png"
-SHOWN_SUSPECTS = 24
+SHOWN_SUSPECTS = 12  # thumbnails of noisy pictures make large PNGs; the UI inlines them
 OFF_FILE = "off.json"
 OFF_NOTE = "Off: set label_quality.enabled: true to train the fold models and rank label errors."
 
@@ -168,7 +168,7 @@ def suspects_png(table: pd.DataFrame, task_dir: Path, per_row: int = 6) -> bytes
     cells = [
         (
             str(task_dir / r.relpath),
-            f"#{r.rank} {r.given_label}→{r.suggested_label}\np={r.self_confidence:.2f}",
+            f"#{r.rank} p={r.self_confidence:.2f}\n{r.given_label}\n→ {r.suggested_label}",
         )
         for r in top.itertuples()
     ]

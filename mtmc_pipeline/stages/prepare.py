@@ -164,7 +164,7 @@ def integrity_metadata(df: pd.DataFrame, summary: dict[str, Any]) -> dict[str, A
 
 
 def near_duplicate_preview(
-    df: pd.DataFrame, task_dir: Path, max_groups: int = 12, max_members: int = 6
+    df: pd.DataFrame, task_dir: Path, max_groups: int = 8, max_members: int = 5
 ) -> dict[str, Any]:
     """The near-duplicate groups as a count, a table and thumbnails (first groups only)."""
     members = df[df["near_duplicate_group"].notna()]

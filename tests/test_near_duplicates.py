@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import imagehash
 import numpy as np
 import pandas as pd
 from PIL import Image
@@ -104,6 +105,16 @@ def test_integrity_codes_for_near_copies(tmp_path: Path) -> None:
     )
     assert off["perceptual_hash"].isna().all()
     assert not any("near_duplicate" in c for codes in off["issues"] for c in codes)
+
+
+def test_the_hash_is_imagehash_phash() -> None:
+    rng = np.random.default_rng(5)
+    pictures = [_draw(kind % 5, rng, 48) for kind in range(40)]
+    pictures += [Image.fromarray(rng.integers(0, 255, (20, 30, 3), np.uint8)) for _ in range(40)]
+    pictures.append(Image.new("RGB", (16, 16), (9, 9, 9)).convert("P"))
+    pictures[-1].putpixel((3, 4), 200)
+    for img in pictures:
+        assert fingerprint(img)[0] == str(imagehash.phash(img))
 
 
 def test_flat_images_have_no_fingerprint() -> None:

@@ -26,6 +26,7 @@ from assets.config import (
     TrainOverrides,
     overrides_of,
 )
+from assets.label_issues import build_label_issues
 from assets.metadata import check_result, stage_metadata
 from assets.pipes import TrainingLauncher
 from assets.resources import ArtifactStore, TorchDevice
@@ -45,6 +46,7 @@ STAGES = (
     "model",
     "evaluation",
     "calibration",
+    "label_issues",
 )
 _VALID = re.compile(r"^[A-Za-z0-9_]+$")
 USER_ERRORS = (
@@ -182,7 +184,7 @@ def build_task_assets(task: str, data_root: Path) -> list[Any]:
     )
     def splits(config: SplitOverrides, artifacts: ArtifactStore):  # type: ignore[valid-type]
         with user_errors(task_dir):
-            result = stages.run_splits(artifacts.task(task), resolve("split", config))
+            result = stages.run_splits(artifacts.task(task), resolve("split", config), task_dir)
         yield from _events(keys["splits"], "splits", result)
 
     @dg.asset(
@@ -259,6 +261,7 @@ def build_task_assets(task: str, data_root: Path) -> list[Any]:
         model,
         evaluation,
         calibration,
+        build_label_issues(task, task_dir, spec_kwargs("label_issues", ["splits"])),
     ]
 
 

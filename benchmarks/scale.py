@@ -1,4 +1,5 @@
-"""Peak memory of scan + integrity on a task of 100,000 tiny images.
+"""Peak memory of scan + integrity on a task of 100,000 tiny images, with and without the
+near-duplicate search.
 
 The scan and integrity stages run as the pipeline runs them (``run_inventory`` then
 ``run_integrity``, Parquet written) in a child process. Reported: the peak of the summed
@@ -6,7 +7,10 @@ proportional set size (PSS, from /proc) of that process and its decode workers, 
 20 ms, which counts memory the forked workers share with their parent once; and the kernel's
 max RSS of the main process and of the largest worker (``getrusage``), each of which counts
 the shared pages in full. The process imports the whole pipeline (torch included), as the
-Dagster code location does; ``after_imports_pss_gib`` is that floor.
+Dagster code location does; ``after_imports_pss_gib`` is that floor. The measurement runs
+twice, in two fresh processes: with ``integrity.near_duplicates`` off, then on (the default:
+perceptual hashes and thumbnails in the decode pass, then the indexed search), and reports
+the ratio of the two integrity times.
 
     .venv/bin/python benchmarks/scale.py --files 100000
 
@@ -92,7 +96,7 @@ class PeakMemory(threading.Thread):
         return self.peak
 
 
-def measure(workdir: Path) -> dict[str, float]:
+def measure(workdir: Path, near_duplicates: bool = True) -> dict[str, float]:
     """Run scan + integrity on ``workdir/data/scale``; report time and peak memory."""
     from mtmc_pipeline import stages
     from mtmc_pipeline.artifacts import TaskArtifacts
@@ -107,7 +111,7 @@ def measure(workdir: Path) -> dict[str, float]:
     start = time.perf_counter()
     inventory = stages.run_inventory(task, art, ScanConfig())
     scanned = time.perf_counter()
-    checked = stages.run_integrity(task, art, IntegrityConfig())
+    checked = stages.run_integrity(task, art, IntegrityConfig(near_duplicates=near_duplicates))
     done = time.perf_counter()
     peak = sampler.stop()
     kib = 1024  # ru_maxrss is in KiB on Linux
@@ -117,6 +121,7 @@ def measure(workdir: Path) -> dict[str, float]:
         "files": inventory.metadata["files"],
         "decoded": checked.metadata["decoded"],
         "ok": checked.metadata["ok"],
+        "near_duplicate_groups": checked.metadata.get("near_duplicate_groups", 0),
         "scan_s": scanned - start,
         "integrity_s": done - scanned,
         "after_imports_pss_gib": baseline / GIB,
@@ -132,9 +137,12 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--keep", type=Path, help="write the data here and keep it")
     parser.add_argument("--measure", type=Path, help="only measure data written with --keep")
+    parser.add_argument(
+        "--no-near-duplicates", action="store_true", help="with --measure: search turned off"
+    )
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure)))
+        print(json.dumps(measure(args.measure, not args.no_near_duplicates)))
         return
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="mtmc-scale-"))
     try:
@@ -143,15 +151,21 @@ def main() -> None:
         print(f"wrote {args.files} images in {time.perf_counter() - start:.0f} s")
         if args.keep:
             return
-        child = subprocess.run(
-            [sys.executable, __file__, "--measure", str(workdir)],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        result = json.loads(child.stdout.strip().splitlines()[-1])
-        for key, value in result.items():
-            print(f"{key:28s} {value:.3f}" if isinstance(value, float) else f"{key:28s} {value}")
+        runs = {}
+        for label, flag in (("off", ["--no-near-duplicates"]), ("on", [])):
+            child = subprocess.run(
+                [sys.executable, __file__, "--measure", str(workdir), *flag],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            runs[label] = json.loads(child.stdout.strip().splitlines()[-1])
+        for key in runs["on"]:
+            values = [runs[label][key] for label in ("off", "on")]
+            cells = [f"{v:12.3f}" if isinstance(v, float) else f"{v:>12}" for v in values]
+            print(f"{key:28s} {cells[0]} {cells[1]}   (near duplicates off, on)")
+        ratio = runs["on"]["integrity_s"] / runs["off"]["integrity_s"]
+        print(f"{'integrity time on / off':28s} {ratio:12.2f}")
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -56,6 +56,24 @@ class IntegrityConfig(_Section):
         0.05, ge=0, le=1, description="Blocking check: fraction of files with errors allowed."
     )
     workers: int = Field(0, ge=0, description="Decode processes; 0 means one per CPU core.")
+    near_duplicates: bool = Field(
+        True,
+        description="Find near copies (re-encoded, resized) by perceptual hash and colour "
+        "thumbnail: near_duplicate, near_duplicate_conflict, near_duplicate_leak.",
+    )
+    near_duplicate_distance: int = Field(
+        12,
+        ge=0,
+        le=32,
+        description="Near copies: most differing bits of the 64-bit perceptual hashes.",
+    )
+    near_duplicate_colour: float = Field(
+        4.0,
+        ge=0,
+        le=255,
+        description="Near copies: most mean absolute difference (0-255) of the 4x4 colour "
+        "thumbnails.",
+    )
     severity: dict[str, Literal["error", "warn", "ignore"]] = Field(
         default_factory=dict,
         description="Override the severity of an issue code: error (excluded from training), "
@@ -281,6 +299,26 @@ class CalibrationConfig(_Section):
         return sorted(set(levels))
 
 
+class LabelQualityConfig(_Section):
+    enabled: bool = Field(
+        False, description="Train k fold models and rank suspected label errors (label_issues)."
+    )
+    folds: int = Field(5, ge=2, le=20, description="Fold models, each trained on k - 1 folds.")
+    method: Literal["self_confidence", "normalized_margin", "confidence_weighted_entropy"] = Field(
+        "self_confidence",
+        description="cleanlab label quality score that ranks the images (lowest first).",
+    )
+    filter_by: Literal[
+        "prune_by_noise_rate",
+        "prune_by_class",
+        "both",
+        "confident_learning",
+        "predicted_neq_given",
+        "low_normalized_margin",
+        "low_self_confidence",
+    ] = Field("prune_by_noise_rate", description="cleanlab find_label_issues filter_by.")
+
+
 class TaskConfig(_Section):
     scan: ScanConfig = ScanConfig()
     integrity: IntegrityConfig = IntegrityConfig()
@@ -289,6 +327,7 @@ class TaskConfig(_Section):
     train: TrainConfig = TrainConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     calibration: CalibrationConfig = CalibrationConfig()
+    label_quality: LabelQualityConfig = LabelQualityConfig()
 
 
 SECTIONS: dict[str, type[_Section]] = {

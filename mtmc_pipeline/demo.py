@@ -5,7 +5,9 @@
 - ``pattern``: procedurally drawn textures in ``train/`` and ``val/`` folders, with Chinese
   class names, deliberately imbalanced, plus planted problems the integrity stage must catch:
   a zero-byte file, a truncated JPEG, a text file named ``.jpg`` and an image copied into both
-  train and val.
+  train and val. The full-size pattern task also has label-quality problems
+  (:func:`pattern_label_problems`): 5% of its training images filed under a wrong class (val
+  stays clean) and near copies (re-encoded, resized) of training images in val and train.
 
 Rewriting an existing demo leaves unchanged files untouched (same bytes, same mtime), so a
 second ``make demo`` finds nothing stale.
@@ -14,6 +16,7 @@ second ``make demo`` finds nothing stale.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -138,11 +141,13 @@ def write_pattern(
     val_counts: tuple[int, ...] = PATTERN_VAL,
     size: int = 64,
     seed: int = 0,
+    label_problems: bool = True,
 ) -> int:
     """The texture task with its planted problems; returns the number of files written."""
     rng = np.random.default_rng(seed)
     written = 0
     first_image: dict[str, bytes] = {}
+    flips = pattern_label_problems(train_counts, seed).flips if label_problems else {}
     for split, counts in (("train", train_counts), ("val", val_counts)):
         for kind, (name, n) in enumerate(zip(PATTERN_CLASSES, counts, strict=True)):
             for j in range(n):
@@ -150,7 +155,8 @@ def write_pattern(
                 as_png = j % 5 == 4
                 data = _png(img) if as_png else _jpeg(img)
                 first_image.setdefault(f"{split}/{name}", data)
-                path = task_dir / split / name / f"{name}_{j:03d}.{'png' if as_png else 'jpg'}"
+                rel = f"{split}/{name}/{name}_{j:03d}.{'png' if as_png else 'jpg'}"
+                path = task_dir / flips.get(rel, (rel, ""))[0]
                 written += _write_if_changed(path, data)
     planted = {
         PLANTED["empty"]: b"",
@@ -160,7 +166,60 @@ def write_pattern(
     }
     for rel, data in planted.items():
         written += _write_if_changed(task_dir / rel, data)
+    if label_problems:
+        written += write_near_copies(task_dir, pattern_label_problems(train_counts, seed))
     _write_if_changed(task_dir / "task.yaml", PATTERN_TASK_YAML.encode())
+    return written
+
+
+@dataclass(frozen=True)
+class LabelProblems:
+    """The pattern task's planted label problems, for benchmarks to score against."""
+
+    flips: dict[str, tuple[str, str]]  # relpath it would have -> (relpath it has, true class)
+    near_copies: dict[str, tuple[str, str]]  # copy's relpath -> (source relpath, how)
+
+
+def pattern_label_problems(
+    train_counts: tuple[int, ...] = PATTERN_TRAIN, seed: int = 0
+) -> LabelProblems:
+    """5% of each class's training images under another class (drawn in proportion to the
+    classes' sizes, so that no small class is swamped), and one near copy for every 20
+    training images: half in val (leaks), half in train; re-encoded at JPEG quality 85 or
+    resized by 1.25 or 0.75."""
+    rng = np.random.default_rng(seed + 17)
+    flips: dict[str, tuple[str, str]] = {}
+    copies: dict[str, tuple[str, str]] = {}
+    hows = ("jpeg85", "resize1.25", "resize0.75")
+    for kind, (name, n) in enumerate(zip(PATTERN_CLASSES, train_counts, strict=True)):
+        names = [f"{name}_{j:03d}.{'png' if j % 5 == 4 else 'jpg'}" for j in range(n)]
+        chosen = rng.permutation(n)
+        for j in chosen[: round(0.05 * n)]:
+            share = np.array([0 if k == kind else c for k, c in enumerate(train_counts)])
+            other = PATTERN_CLASSES[rng.choice(len(share), p=share / share.sum())]
+            new = f"{other}_{900 + len(flips)}{Path(names[j]).suffix}"
+            flips[f"train/{name}/{names[j]}"] = (f"train/{other}/{new}", name)
+        for k, j in enumerate(chosen[round(0.05 * n) :][: n // 20]):
+            split, how = ("val", "train")[k % 2], hows[k % 3]
+            ext = "jpg" if how == "jpeg85" else "png"
+            copies[f"{split}/{name}/{name}_{800 + k}.{ext}"] = (f"train/{name}/{names[j]}", how)
+    return LabelProblems(flips, copies)
+
+
+def write_near_copies(task_dir: Path, problems: LabelProblems) -> int:
+    """Write each planted near copy from its (already written) source image."""
+    written = 0
+    for rel, (source, how) in problems.near_copies.items():
+        with Image.open(task_dir / source) as img:
+            img = img.convert("RGB")
+        if how == "jpeg85":
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=85)
+            data = buf.getvalue()
+        else:
+            scale = float(how.removeprefix("resize"))
+            data = _png(img.resize((round(img.width * scale), round(img.height * scale))))
+        written += _write_if_changed(task_dir / rel, data)
     return written
 
 
@@ -169,6 +228,8 @@ def write_demo(root: Path, small: bool = False) -> dict[str, int]:
     if small:
         return {
             "digits": write_digits(root / "digits", per_class=12),
-            "pattern": write_pattern(root / "pattern", (24, 16, 12, 10, 8), (6, 5, 5, 4, 4), 32),
+            "pattern": write_pattern(
+                root / "pattern", (24, 16, 12, 10, 8), (6, 5, 5, 4, 4), 32, label_problems=False
+            ),
         }
     return {"digits": write_digits(root / "digits"), "pattern": write_pattern(root / "pattern")}

@@ -219,3 +219,40 @@ def bar_png(values: pd.Series | pd.DataFrame, title: str) -> bytes:
         ax.legend(loc="lower right")
     _add_legend(fig, legend)
     return to_png(fig)
+
+
+def thumbnails_png(rows: Sequence[Sequence[tuple[str, str]]], title: str, side: int = 96) -> bytes:
+    """A grid of image thumbnails: one row per group, each image captioned below it.
+
+    ``rows`` holds (image path, caption) pairs; an image that cannot be read shows as grey.
+    """
+    from PIL import Image  # only this plot reads images
+
+    width = max((len(r) for r in rows), default=1)
+    captions = [caption for row in rows for _, caption in row]
+    font = font_for(captions)
+    shown = captions if font is not None else [anyascii(c) for c in captions]
+    fig, axes = plt.subplots(
+        max(len(rows), 1),
+        width,
+        figsize=(1.9 * width, 2.0 * max(len(rows), 1) + 0.4),
+        squeeze=False,
+    )
+    k = 0
+    for r, row in enumerate(rows):
+        for c in range(width):
+            ax = axes[r][c]
+            ax.set_axis_off()
+            if c >= len(row):
+                continue
+            try:
+                with Image.open(row[c][0]) as img:
+                    img.thumbnail((side, side))
+                    pixels = np.asarray(img.convert("RGB"))
+            except Exception:  # a file that went away or broke since the stage read it
+                pixels = np.full((side, side, 3), 128, np.uint8)
+            ax.imshow(pixels)
+            ax.set_title(shown[k], fontsize=6, fontproperties=font)
+            k += 1
+    fig.suptitle(title)
+    return to_png(fig)

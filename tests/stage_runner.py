@@ -31,7 +31,7 @@ def run(data_root: Path, artifacts: Path, task: str, overrides: dict) -> None:
     steps = [
         ("inventory", lambda: stages.run_inventory(task_dir, art, cfg.scan)),
         ("integrity", lambda: stages.run_integrity(task_dir, art, cfg.integrity)),
-        ("splits", lambda: stages.run_splits(art, cfg.split)),
+        ("splits", lambda: stages.run_splits(art, cfg.split, task_dir)),
         ("sampling_weights", lambda: stages.run_sampling(art, cfg.sampling)),
         ("model", lambda: run_training(task_dir, art, cfg.train, runtime, lambda _: None)),
         ("evaluation", lambda: run_evaluation(task_dir, art, cfg.evaluation, runtime)),

@@ -177,7 +177,7 @@ def test_unusual_but_usable_images_are_warned_about(tmp_path: Path) -> None:
         _save(frames[0], "GIF", save_all=True, append_images=frames[1:]),
     )
     write(task / "a" / "still.gif", _save(rgb, "GIF"))
-    df = _check(task)
+    df = _check(task, near_duplicates=False)  # one picture in many formats: all near copies
     issues = df["issues"].map(list).to_dict()
     assert issues == {
         "a/rotated.jpg": ["exif_rotated"],

@@ -116,6 +116,8 @@ def test_integrity_schema_does_not_depend_on_the_data(materialized: Materialized
         ("issues", "list<element: string>"),
         ("status", "string"),
         ("perceptual_hash", "string"),
+        ("colour_layout", "binary"),
+        ("near_duplicate_group", "int64"),
     ]
 
 

@@ -79,6 +79,21 @@ def test_k_fold_column() -> None:
     assert manifest[manifest["split"] != "train"]["fold"].isna().all()
 
 
+def test_k_folds_are_stratified_and_stable_as_images_are_added() -> None:
+    cfg = SplitConfig(folds=5)
+    first, _ = make_splits(_usable({"a": 103, "b": 27, "c": 9}), cfg)
+    per_class = first[first["split"] == "train"].groupby(["class_name", "fold"]).size()
+    spread = per_class.groupby(level=0).agg(lambda s: s.max() - s.min())
+    assert (spread <= 1).all()  # as even as each class's count allows
+    grown = _usable({"a": 140, "b": 60, "c": 30})  # the first files plus new ones
+    second, _ = make_splits(grown, cfg, previous=first)
+    merged = first.merge(second, on="relpath", suffixes=("_before", "_after"))
+    train = merged[merged["split_before"] == "train"]
+    assert (train["fold_before"] == train["fold_after"]).all()
+    per_class = second[second["split"] == "train"].groupby(["class_name", "fold"]).size()
+    assert (per_class.groupby(level=0).agg(lambda s: s.max() - s.min()) <= 1).all()
+
+
 def test_untrainable_tasks_fail_with_the_task_name() -> None:
     with pytest.raises(TaskDataError, match=r"'solo'.*at least two classes"):
         make_splits(_usable({"only": 10}), SplitConfig(), task="solo")
@@ -96,12 +111,15 @@ def test_every_file_is_placed_exactly_by_the_hash_of_its_content() -> None:
     usable = _usable({"a": 120, "b": 90})  # large enough that no class needs a forced val file
     cfg = SplitConfig(val_fraction=0.2, test_fraction=0.1, seed=7, folds=4)
     manifest, _ = make_splits(usable, cfg)
+    train = manifest[manifest["split"] == "train"]
+    fold_u = train["content_hash"].map(lambda h: _u(h, seed=7, salt="fold"))
+    rank = fold_u.groupby(train["class_name"]).rank(method="first").astype(int) - 1
     for row in manifest.itertuples():
         u = _u(row.content_hash, seed=7)
         expected = "test" if u < 0.1 else "val" if u < 0.3 else "train"
         assert row.split == expected, row.relpath
-        if expected == "train":
-            assert row.fold == int(_u(row.content_hash, seed=7, salt="fold") * 4)
+        if expected == "train":  # dealt round the folds in fold-hash order within each class
+            assert row.fold == rank[row.Index] % 4
         else:
             assert pd.isna(row.fold)
 

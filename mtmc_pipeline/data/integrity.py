@@ -1,8 +1,10 @@
 """Check every listed file: decode it fully, hash it, and record findings with stable codes.
 
 Per-file checks run in worker processes (a full decode: ``Image.verify()`` alone misses
-truncated files). Cross-file checks (duplicates, conflicting labels, leakage between split
-folders) run afterwards on the content hashes. Nothing is ever written to the raw folder.
+truncated files); the same pass takes each image's perceptual fingerprint
+(:mod:`mtmc_pipeline.data.near_duplicates`). Cross-file checks (duplicates, conflicting labels,
+leakage between split folders) run afterwards on the content hashes, and again, for near
+duplicates, on the fingerprints. Nothing is ever written to the raw folder.
 
 Files whose (relpath, size, mtime) are unchanged since the previous run reuse their
 per-file results, so adding a handful of images to a large task decodes only those.
@@ -35,6 +37,12 @@ import pyarrow as pa
 from PIL import Image, ImageFile
 
 from mtmc_pipeline.config import IntegrityConfig
+from mtmc_pipeline.data.near_duplicates import (
+    fingerprint,
+    group_labels,
+    hashes_and_thumbs,
+    near_duplicate_pairs,
+)
 
 # Stable issue codes. Never rename one: reports, checks and users' scripts match on them.
 EMPTY_FILE = "empty_file"
@@ -52,6 +60,9 @@ EXIF_ROTATED = "exif_rotated"
 EXACT_DUPLICATE = "exact_duplicate"
 CONFLICTING_LABELS = "conflicting_labels"
 CROSS_SPLIT_LEAK = "cross_split_leak"
+NEAR_DUPLICATE = "near_duplicate"
+NEAR_DUPLICATE_CONFLICT = "near_duplicate_conflict"
+NEAR_DUPLICATE_LEAK = "near_duplicate_leak"
 
 # code -> (default severity, meaning). "error" excludes the file from training, "warn" keeps it.
 ISSUES: dict[str, tuple[str, str]] = {
@@ -70,6 +81,9 @@ ISSUES: dict[str, tuple[str, str]] = {
     EXACT_DUPLICATE: ("warn", "same bytes as an earlier file of the same class and split"),
     CONFLICTING_LABELS: ("error", "the same bytes are filed under two or more classes"),
     CROSS_SPLIT_LEAK: ("error", "same bytes as a file in another split (train wins)"),
+    NEAR_DUPLICATE: ("warn", "a near copy (re-encoded, resized) of an earlier file of its class"),
+    NEAR_DUPLICATE_CONFLICT: ("warn", "near copies of this picture are filed under two classes"),
+    NEAR_DUPLICATE_LEAK: ("error", "a near copy of a file in an earlier split (train wins)"),
 }
 DEFAULT_SEVERITY: dict[str, str] = {code: sev for code, (sev, _) in ISSUES.items()}
 
@@ -103,7 +117,17 @@ _EXIF_SOURCES = ("exif", "xmp", "XML:com.adobe.xmp", "Raw profile type exif")
 _HIGH_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _SPLIT_ORDER = {"train": 0, "none": 0, "val": 1, "test": 2}
 _IN_MEMORY_LIMIT = 64 * 2**20  # larger files are hashed in blocks and decoded from disk
-PER_FILE_COLUMNS = ["width", "height", "mode", "format", "content_hash", "file_issues", "detail"]
+PER_FILE_COLUMNS = [
+    "width",
+    "height",
+    "mode",
+    "format",
+    "content_hash",
+    "file_issues",
+    "detail",
+    "perceptual_hash",
+    "colour_layout",
+]
 KEY_COLUMNS = ["relpath", "bytes", "mtime_ns"]
 
 # The stored table's schema, fixed so that it never depends on the data: on a clean task the
@@ -126,10 +150,23 @@ INTEGRITY_SCHEMA = pa.schema(
         ("issues", pa.list_(pa.string())),
         ("status", pa.string()),
         ("perceptual_hash", pa.string()),
+        ("colour_layout", pa.binary()),
+        ("near_duplicate_group", pa.int64()),
     ]
 )
 
-PerFile = tuple[int | None, int | None, str | None, str | None, str | None, list[str], str | None]
+PerFile = tuple[
+    int | None,
+    int | None,
+    str | None,
+    str | None,
+    str | None,
+    list[str],
+    str | None,
+    str | None,
+    bytes | None,
+]
+_NO_PRINT = (None, None)  # perceptual_hash, colour_layout of a file that was not decoded
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -148,10 +185,11 @@ class Limits:
 
     min_side: int
     max_pixels: int
+    fingerprints: bool
 
     @classmethod
     def of(cls, config: IntegrityConfig) -> Limits:
-        return cls(config.min_side, config.max_pixels)
+        return cls(config.min_side, config.max_pixels, config.near_duplicates)
 
 
 def _open_regular(path: str) -> tuple[int | None, int, str | None]:
@@ -200,19 +238,20 @@ def inspect_file(path: str, ext: str, limits: Limits) -> PerFile:
     issues: list[str] = []
     fd, size, why = _open_regular(path)
     if fd is None:
-        return None, None, None, None, None, [UNREADABLE], why
+        return None, None, None, None, None, [UNREADABLE], why, *_NO_PRINT
     try:
         digest, head, source = _hash_and_source(fd, size)
     except OSError as e:
-        return None, None, None, None, None, [UNREADABLE], f"{type(e).__name__}: {e}"
+        return None, None, None, None, None, [UNREADABLE], f"{type(e).__name__}: {e}", *_NO_PRINT
     finally:
         os.close(fd)
     with source:
         if not head:
-            return None, None, None, None, digest, [EMPTY_FILE], None
+            return None, None, None, None, digest, [EMPTY_FILE], None, *_NO_PRINT
         fmt = sniff_format(head)
         if fmt is None:
-            return None, None, None, None, digest, [NOT_AN_IMAGE], f"leading bytes {head[:8].hex()}"
+            detail = f"leading bytes {head[:8].hex()}"
+            return None, None, None, None, digest, [NOT_AN_IMAGE], detail, *_NO_PRINT
         if _EXT_FORMAT.get(ext, fmt) != fmt:
             issues.append(EXTENSION_MISMATCH)
         width = height = mode = found = None
@@ -223,7 +262,7 @@ def inspect_file(path: str, ext: str, limits: Limits) -> PerFile:
             if width * height > limits.max_pixels:
                 issues.append(DECOMPRESSION_BOMB)
                 detail = f"{width}x{height} exceeds integrity.max_pixels={limits.max_pixels}"
-                return width, height, mode, found, digest, issues, detail
+                return width, height, mode, found, digest, issues, detail, *_NO_PRINT
             # before load(): a TIFF forgets its tags once loaded (a PNG loads itself here)
             has_exif = found in ("TIFF", "PNG") or any(key in img.info for key in _EXIF_SOURCES)
             rotated = has_exif and img.getexif().get(0x0112, 1) in range(2, 9)
@@ -234,7 +273,8 @@ def inspect_file(path: str, ext: str, limits: Limits) -> PerFile:
                 issues.append(EXIF_ROTATED)
         except Exception as e:  # any decoder failure is a finding about this file, never a crash
             issues.append(TRUNCATED)
-            return width, height, mode, found, digest, issues, f"{type(e).__name__}: {e}"
+            detail = f"{type(e).__name__}: {e}"
+            return width, height, mode, found, digest, issues, detail, *_NO_PRINT
     if min(width, height) < limits.min_side:
         issues.append(TOO_SMALL)
     if mode == "CMYK":
@@ -243,7 +283,8 @@ def inspect_file(path: str, ext: str, limits: Limits) -> PerFile:
         issues.append(HIGH_BIT_DEPTH)
     elif mode == "PA" or (mode == "P" and "transparency" in img.info):
         issues.append(PALETTE_ALPHA)
-    return width, height, mode, found, digest, issues, None
+    prints = fingerprint(img) if limits.fingerprints else _NO_PRINT
+    return width, height, mode, found, digest, issues, None, *prints
 
 
 @contextlib.contextmanager
@@ -321,7 +362,7 @@ def inspect_files(paths: list[str], exts: list[str], config: IntegrityConfig) ->
                 retry += [(start, chunk[:half]), (start + half, chunk[half:])]
             else:
                 detail = "the decoder process died on this file"
-                results[start] = (None, None, None, None, None, [UNREADABLE], detail)
+                results[start] = (None, None, None, None, None, [UNREADABLE], detail, *_NO_PRINT)
         todo = retry
     return results  # type: ignore[return-value]
 
@@ -352,20 +393,62 @@ def _cross_file_issues(df: pd.DataFrame) -> pd.Series:
     return codes[codes != ""]
 
 
+def _near_duplicate_issues(
+    df: pd.DataFrame, config: IntegrityConfig
+) -> tuple[pd.Series, pd.Series]:
+    """Near-duplicate codes (one per flagged row) and each row's group number (or NA).
+
+    One file per content hash takes part (exact copies have their own codes). Within a group,
+    in (train, val, test; relpath) order, the first file is kept as it is; a file in a later
+    split than the first is a leak; groups spanning two classes are conflicts; other later
+    files are near duplicates.
+    """
+    group = pd.Series(pd.NA, index=df.index, dtype="Int64")
+    found = df[df["perceptual_hash"].notna() & df["colour_layout"].notna()]
+    if not config.near_duplicates or len(found) < 2:
+        return pd.Series(dtype=object), group
+    found = found.assign(_s=found["split_dir"].map(_SPLIT_ORDER)).sort_values(["_s", "relpath"])
+    found = found[~found["content_hash"].duplicated()]
+    hashes, thumbs = hashes_and_thumbs(found)
+    pairs = near_duplicate_pairs(
+        hashes, thumbs, config.near_duplicate_distance, config.near_duplicate_colour
+    )
+    labels = group_labels(pairs, len(found))
+    members = found[labels >= 0].assign(_g=labels[labels >= 0])
+    group[members.index] = members["_g"]
+    by_group = members.groupby("_g", sort=False)
+    conflict = by_group["class_name"].transform("nunique") > 1
+    leak = members["split_dir"] != by_group["split_dir"].transform("first")
+    later = members["_g"].duplicated()
+    codes = pd.Series(
+        np.select(
+            [leak, conflict, later],
+            [NEAR_DUPLICATE_LEAK, NEAR_DUPLICATE_CONFLICT, NEAR_DUPLICATE],
+            "",
+        ),
+        index=members.index,
+        dtype=object,
+    )
+    return codes[codes != ""], group
+
+
 def _findings(
-    df: pd.DataFrame, cross: pd.Series, severity: Mapping[str, str]
+    df: pd.DataFrame, cross: list[pd.Series], severity: Mapping[str, str]
 ) -> tuple[list[list[str]], np.ndarray]:
     """Every row's issue codes (per-file then cross-file, ignored codes dropped) and status.
 
-    Only rows with a finding are visited: a rerun over a large clean task stays cheap.
+    ``cross`` holds Series of one code per flagged row (exact copies, near copies). Only rows
+    with a finding are visited: a rerun over a large clean task stays cheap.
     """
     per_file = df["file_issues"].to_numpy()
-    extra = cross.reindex(df.index).to_numpy()
-    flagged = pd.notna(extra) | np.fromiter(map(len, per_file), bool, len(df))
+    extras = [c.reindex(df.index).to_numpy() for c in cross]
+    flagged = np.fromiter(map(len, per_file), bool, len(df))
+    for extra in extras:
+        flagged |= pd.notna(extra)
     issues: list[list[str]] = [[] for _ in range(len(df))]
     status = np.full(len(df), "ok", dtype=object)
     for i in np.flatnonzero(flagged):
-        codes = [*per_file[i], *([extra[i]] if pd.notna(extra[i]) else [])]
+        codes = [*per_file[i], *(e[i] for e in extras if pd.notna(e[i]))]
         issues[i] = [c for c in codes if severity[c] != "ignore"]
         status[i] = _status(issues[i], severity)
     return issues, status
@@ -419,8 +502,8 @@ def check_integrity(
         ]
     ).sort_index()
     df = pd.concat([df, per_file], axis=1)
-    df["issues"], df["status"] = _findings(df, _cross_file_issues(df), severity)
-    df["perceptual_hash"] = None
+    near, df["near_duplicate_group"] = _near_duplicate_issues(df, config)
+    df["issues"], df["status"] = _findings(df, [_cross_file_issues(df), near], severity)
     df = df.astype({"width": "Int64", "height": "Int64"})
     summary = {
         "decoded": len(todo),

@@ -31,6 +31,7 @@ import pandas as pd
 
 from mtmc_pipeline.artifacts import fingerprint
 from mtmc_pipeline.config import TASK_FILE, ScanConfig
+from mtmc_pipeline.data.review import REVIEW_FILE, review_digest
 
 SPLIT_ALIASES = {
     "train": "train",
@@ -42,6 +43,7 @@ SPLIT_ALIASES = {
 OS_LITTER = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r"})
 _RENAME = "rename it: manifests store UTF-8 paths"
 INVENTORY_COLUMNS = ["relpath", "split_dir", "class_name", "bytes", "mtime_ns", "ext"]
+_TASK_FILES = (TASK_FILE, REVIEW_FILE)  # files of the task folder itself, not images
 
 
 class DataRootError(FileNotFoundError):
@@ -208,7 +210,7 @@ class _Walker:
                 self._problem(rel, "name_not_utf8", _RENAME)
             elif _is_dir(entry):
                 self.walk_class(entry.path, rel, split, name)
-            elif not (name == TASK_FILE and not relpath):
+            elif not (name in _TASK_FILES and not relpath):
                 self.skipped["file_outside_class"] += 1
 
 
@@ -227,7 +229,7 @@ def scan_task(task_dir: Path, config: ScanConfig | None = None) -> ScanResult:
     if split_dirs:
         layout = "split"
         for e in top:
-            if e.name.lower() in SPLIT_ALIASES or _skip_reason(e.name) or e.name == TASK_FILE:
+            if e.name.lower() in SPLIT_ALIASES or _skip_reason(e.name) or e.name in _TASK_FILES:
                 continue
             walker.skipped["dir_outside_split" if _is_dir(e) else "file_outside_class"] += 1
         for split, e in split_dirs:
@@ -242,10 +244,12 @@ def scan_task(task_dir: Path, config: ScanConfig | None = None) -> ScanResult:
 
 
 def listing_fingerprint(task_dir: Path, scan: ScanResult) -> str:
-    """Digest of every file's (relpath, size, mtime), the class folders and task.yaml.
+    """Digest of every file's (relpath, size, mtime), the class folders, task.yaml and
+    review.csv.
 
     This is the raw data version: it changes when a file is added, removed or rewritten,
-    when a class folder appears (even an empty one) and when the task's settings change.
+    when a class folder appears (even an empty one) and when the task's settings or review
+    change.
     """
     inventory = scan.inventory  # sorted by relpath
     listing = list(
@@ -258,4 +262,4 @@ def listing_fingerprint(task_dir: Path, scan: ScanResult) -> str:
     )
     task_file = task_dir / TASK_FILE
     settings = task_file.read_bytes().hex() if task_file.is_file() else ""
-    return fingerprint("raw_images", listing, scan.class_folders, settings)
+    return fingerprint("raw_images", listing, scan.class_folders, settings, review_digest(task_dir))

@@ -9,8 +9,8 @@
   same), so adding images never moves an existing image to another split.
 - Every class with at least two distinct images gets at least one validation image when
   validation is carved (the lowest-hash file of a class that has none is moved to val).
-- The k-fold column is a second seeded hash of the content over the train files: stable
-  under additions like the split itself (folds are balanced in expectation, not exactly).
+- The k-fold column over the train files is stratified per class and stable under additions
+  (:mod:`mtmc_pipeline.data.folds`; previous folds are kept when the settings are the same).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from mtmc_pipeline.artifacts import fingerprint
 from mtmc_pipeline.config import SplitConfig
+from mtmc_pipeline.data.folds import assign_folds, previous_folds
 
 SPLIT_COLUMNS = ["relpath", "class_name", "label", "split", "fold", "content_hash"]
 CLASSES_KEY = b"mtmc.class_names"
@@ -97,10 +98,14 @@ def make_splits(
     df["fold"] = pd.array([pd.NA] * len(df), dtype="Int64")
     if config.folds >= 2:
         train = df["split"] == "train"
-        df.loc[train, "fold"] = [
-            int(unit_hash(config.seed, h, "fold") * config.folds)
-            for h in df.loc[train, "content_hash"]
-        ]
+        hashes = df.loc[train, "content_hash"]
+        df.loc[train, "fold"] = assign_folds(
+            df.loc[train, "class_name"],
+            hashes,
+            [unit_hash(config.seed, h, "fold") for h in hashes],
+            config.folds,
+            previous_folds(previous, config.folds),
+        )
     df = df.sort_values(["split", "label", "relpath"]).reset_index(drop=True)
     return df[SPLIT_COLUMNS], classes
 

@@ -22,12 +22,13 @@ from mtmc_pipeline.artifacts import fingerprint, stored_data_version
 CODE_VERSIONS: dict[str, str] = {
     "raw_images": "1",
     "inventory": "1",
-    "integrity": "1",
+    "integrity": "2",
     "splits": "1",
     "sampling_weights": "1",
     "model": "1",
     "evaluation": "1",
     "calibration": "1",
+    "label_issues": "1",
     "leaderboard": "1",
 }
 """Each stage's code version: its Dagster ``code_version`` and part of its input fingerprint.

@@ -23,6 +23,7 @@ from mtmc_pipeline.data.integrity import (
     usable_rows,
 )
 from mtmc_pipeline.data.layout import listing_fingerprint, scan_task
+from mtmc_pipeline.data.review import Review, apply_review, read_review
 from mtmc_pipeline.data.sampling import sampling_weights
 from mtmc_pipeline.data.splits import (
     TaskDataError,
@@ -33,7 +34,7 @@ from mtmc_pipeline.data.splits import (
     read_manifest,
     splits_schema,
 )
-from mtmc_pipeline.plots import bar_png
+from mtmc_pipeline.plots import bar_png, thumbnails_png
 from mtmc_pipeline.stages.common import (
     CheckOutcome,
     Png,
@@ -112,6 +113,7 @@ def run_integrity(task_dir: Path, art: TaskArtifacts, config: IntegrityConfig) -
             schema=INTEGRITY_SCHEMA,
         )
     md = integrity_metadata(df, summary)
+    md.update(near_duplicate_preview(df, task_dir))
     md["path"] = str(art.integrity)
     record_elapsed(md, start, summary.get("decoded", 0), "decoded")
     return StageResult(fp, reused, md, integrity_checks(df, config, task_dir))
@@ -161,13 +163,40 @@ def integrity_metadata(df: pd.DataFrame, summary: dict[str, Any]) -> dict[str, A
     return md
 
 
+def near_duplicate_preview(
+    df: pd.DataFrame, task_dir: Path, max_groups: int = 8, max_members: int = 5
+) -> dict[str, Any]:
+    """The near-duplicate groups as a count, a table and thumbnails (first groups only)."""
+    members = df[df["near_duplicate_group"].notna()]
+    if members.empty:
+        return {"near_duplicate_groups": 0}
+    members = members.sort_values(["near_duplicate_group", "relpath"])
+    groups = [g.head(max_members) for _, g in members.groupby("near_duplicate_group")]
+    rows = [
+        [
+            (str(task_dir / r.relpath), f"{r.split_dir}/{r.class_name}\n{r.status}")
+            for r in g.itertuples()
+        ]
+        for g in groups[:max_groups]
+    ]
+    table = members[["near_duplicate_group", "relpath", "class_name", "status", "issues"]]
+    return {
+        "near_duplicate_groups": len(groups),
+        "near_duplicate_files": len(members),
+        "near_duplicate_table": table.assign(issues=table["issues"].map(", ".join)).head(50),
+        "near_duplicate_thumbnails": Png(
+            thumbnails_png(rows, f"near-duplicate groups (first {len(rows)} of {len(groups)})")
+        ),
+    }
+
+
 def integrity_checks(
     df: pd.DataFrame, config: IntegrityConfig, task_dir: Path
 ) -> dict[str, CheckOutcome]:
     n = max(len(df), 1)
     errors = int((df["status"] == "error").sum())
     fraction = errors / n
-    leaks = df[df["issues"].map(lambda c: "cross_split_leak" in c)]
+    leaks = df[df["issues"].map(lambda c: "cross_split_leak" in c or "near_duplicate_leak" in c)]
     return {
         "error_fraction": CheckOutcome(
             fraction <= config.max_error_fraction,
@@ -178,7 +207,7 @@ def integrity_checks(
         ),
         "no_split_leakage": CheckOutcome(
             leaks.empty,
-            f"{len(leaks)} files have identical bytes in another split folder"
+            f"{len(leaks)} files have identical bytes or a near copy in an earlier split folder"
             + (" (they are excluded)" if len(leaks) else ""),
             "warn",
             {"leaking_files": leaks["relpath"].head(20).tolist()},
@@ -190,43 +219,58 @@ def _splits_settings(path: Path) -> dict[str, Any] | None:
     return af.parquet_meta(path).get("split_config") if path.exists() else None
 
 
-def run_splits(art: TaskArtifacts, config: SplitConfig) -> StageResult:
+def run_splits(
+    art: TaskArtifacts, config: SplitConfig, task_dir: Path | None = None
+) -> StageResult:
+    """The split manifest of the usable images, after the task's ``review.csv`` (when
+    ``task_dir`` is given) has dropped and relabelled the images it names."""
     start = time.perf_counter()
+    listed = af.read_parquet(art.inventory, columns=["relpath", "class_name"])
+    inventory_classes = sorted(listed["class_name"].unique())
+    review = (
+        read_review(task_dir, set(listed["relpath"]), inventory_classes) if task_dir else Review()
+    )
     fp = stage_fingerprint(
-        "splits", upstream_fingerprint(art.integrity, "integrity"), config.model_dump()
+        "splits",
+        upstream_fingerprint(art.integrity, "integrity"),
+        config.model_dump(),
+        review.digest,
     )
     reused = stored_fingerprint(art.splits) == fp
     if reused:
         manifest, classes = read_manifest(art.splits)
         content = upstream_fingerprint(art.splits, "splits")
+        changed = af.parquet_meta(art.splits).get("review", {})
     else:
         integrity = af.read_parquet(art.integrity)
         same_settings = _splits_settings(art.splits) == config.model_dump()
         previous = (
-            af.read_parquet(art.splits, columns=["content_hash", "split"])
+            af.read_parquet(art.splits, columns=["content_hash", "split", "fold"])
             if same_settings
             else None
         )
-        manifest, classes = make_splits(usable_rows(integrity), config, previous, art.task)
+        usable, changed = apply_review(usable_rows(integrity), review)
+        manifest, classes = make_splits(usable, config, previous, art.task)
         content = manifest_fingerprint(manifest, classes)
         af.write_parquet(
             art.splits,
             manifest,
             fp,
-            meta={"split_config": config.model_dump()},
+            meta={"split_config": config.model_dump(), "review": changed},
             schema=splits_schema(classes),
             data_version=content,
         )
-    inventory_classes = sorted(
-        af.read_parquet(art.inventory, columns=["class_name"])["class_name"].unique()
-    )
-    md = {
+    md: dict[str, Any] = {
         "images": len(manifest),
         "classes": len(classes),
         "by_split": manifest["split"].value_counts().to_dict(),
         "class_by_split": class_split_counts(manifest),
+        "review_dropped": changed.get("dropped", 0),
+        "review_relabelled": changed.get("relabelled", 0),
         "path": str(art.splits),
     }
+    if review.findings:
+        md["review_findings"] = pd.DataFrame(review.findings)
     record_elapsed(md, start)
     return StageResult(content, reused, md, splits_checks(manifest, classes, inventory_classes))
 

@@ -113,7 +113,7 @@ def test_temperature_is_fitted_on_val_and_never_raises_its_nll(
     temp = json.loads(
         (materialized.artifacts / task / "calibration" / "temperature.json").read_text("utf-8")
     )
-    after = calibration_errors(softmax(logits, temp["temperature"]), y)
+    after = calibration_errors(logits, y, temp["temperature"])
     assert temp["nll_after"] == pytest.approx(after["nll"]) and temp["ece_after"] == pytest.approx(
         after["ece"]
     )

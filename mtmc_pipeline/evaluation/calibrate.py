@@ -222,16 +222,20 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> p
 
 
 def calibration_errors(
-    probs: np.ndarray,
+    logits: np.ndarray,
     labels: np.ndarray,
+    temperature: float = 1.0,
     bins: int = 15,
     reliability: pd.DataFrame | None = None,
 ) -> dict[str, float]:
-    """ECE and MCE of top-1 confidence (equal-width bins), NLL and Brier score.
+    """ECE and MCE of top-1 confidence (equal-width bins), NLL and Brier of softmax(logits / T).
 
-    ``reliability``: the :func:`reliability_bins` of ``probs``, when the caller already has
-    them (for the reliability diagram); ``bins`` is then not used.
+    The NLL comes from the log-softmax of the logits, as in the temperature fit: a clip of the
+    probabilities would cap each very wrong image's term and understate it.
+    ``reliability``: the :func:`reliability_bins` of these probabilities, when the caller
+    already has them (for the reliability diagram); ``bins`` is then not used.
     """
+    probs = softmax(logits, temperature)
     table = reliability_bins(probs, labels, bins) if reliability is None else reliability
     used = table[table["count"] > 0]
     gap = (used["accuracy"] - used["confidence"]).abs()
@@ -239,23 +243,34 @@ def calibration_errors(
     return {
         "ece": float((gap * used["count"]).sum() / n),
         "mce": float(gap.max()) if len(gap) else 0.0,
-        "nll": float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1)).mean()),
+        "nll": cross_entropy(logits, labels, temperature) if len(labels) else 0.0,
         "brier": float(((probs - one_hot(labels, probs.shape[1])) ** 2).sum(1).mean()),
     }
 
 
-def level_curve(thresholds: list[float | None], levels: list[float]) -> tuple[np.ndarray, ...]:
-    """(strictly increasing thresholds, their levels) for one class, ready for ``np.interp``.
+def step_curve(
+    thresholds: Sequence[float | None], values: Sequence[float | None]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(strictly increasing thresholds, the highest value of any row at or below each) of one
+    class, for :func:`step_value`. Rows without a threshold (unreachable levels) are dropped.
 
-    Unreachable levels are dropped. Where several levels share one threshold (one image can
-    lift precision past several levels at once) only the highest is kept: that score
-    guarantees all of them, and ``np.interp`` needs strictly increasing x.
+    A score reaches the value of every row whose threshold it reaches, so "value(score) >= v"
+    holds exactly when the score reaches the threshold of some row of value >= v: no ramp
+    between thresholds, which would promise a level before its threshold is reached.
     """
     t = np.array([np.nan if v is None else v for v in thresholds], dtype=np.float64)
-    ok = ~np.isnan(t)
-    th, lv = t[ok], np.asarray(levels, dtype=np.float64)[ok]
+    v = np.array([np.nan if x is None else x for x in values], dtype=np.float64)
+    ok = ~np.isnan(t) & ~np.isnan(v)
+    order = np.argsort(t[ok], kind="stable")
+    th, best = t[ok][order], np.maximum.accumulate(v[ok][order])
     last = last_of_runs(th)
-    return th[last], lv[last]
+    return th[last], best[last]
+
+
+def step_value(scores: np.ndarray, th: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The :func:`step_curve` value each score reaches (0 below the lowest threshold)."""
+    i = np.searchsorted(th, scores, side="right") - 1
+    return np.where(i >= 0, values[np.maximum(i, 0)], 0.0) if len(th) else np.zeros(len(scores))
 
 
 @dataclass
@@ -263,8 +278,9 @@ class Calibrator:
     """Maps a logit vector to calibrated confidences; stored as plain JSON (``calibrator.json``).
 
     ``thresholds[kind][c][i]`` is the threshold of ``levels[i]`` for class ``c`` on scores of
-    ``kind`` (``logit`` or ``softmax``), None when unreachable. ``model_fingerprint`` ties it to
-    the model it was fitted for.
+    ``kind`` (``logit`` or ``softmax``), None when unreachable; ``precision_lower`` has the
+    same shape: the 95% lower bound of the precision each threshold keeps on the images it was
+    fitted on. ``model_fingerprint`` ties it to the model it was fitted for.
     """
 
     class_names: list[str]
@@ -272,6 +288,7 @@ class Calibrator:
     levels: list[float]
     thresholds: dict[str, list[list[float | None]]]
     model_fingerprint: str | None = None
+    precision_lower: dict[str, list[list[float | None]]] | None = None
 
     def __post_init__(self) -> None:
         k, n_levels = len(self.class_names), len(self.levels)
@@ -288,6 +305,13 @@ class Calibrator:
                 t = [v for v in row if v is not None]
                 if any(b < a for a, b in pairwise(t)):
                     raise ValueError(f"{kind} thresholds of {name!r} decrease as the level rises")
+        if self.precision_lower is not None:
+
+            def shape(grid: dict[str, list[list[float | None]]]) -> dict[str, list[int]]:
+                return {kind: [len(row) for row in rows] for kind, rows in grid.items()}
+
+            if shape(self.precision_lower) != shape(self.thresholds):
+                raise ValueError("precision_lower must have the shape of thresholds")
 
     @classmethod
     def from_table(
@@ -298,14 +322,26 @@ class Calibrator:
         model_fingerprint: str | None = None,
     ) -> Calibrator:
         levels = sorted(float(v) for v in table["level"].unique())
-        thresholds: dict[str, list[list[float | None]]] = {}
-        for kind, part in table.groupby("score_kind"):
-            per_class = []
-            for name in class_names:
-                rows = part[part["class_name"] == name].set_index("level")["threshold"]
-                per_class.append([None if np.isnan(rows[lv]) else float(rows[lv]) for lv in levels])
-            thresholds[str(kind)] = per_class
-        return cls(list(class_names), float(temperature), levels, thresholds, model_fingerprint)
+
+        def grid(column: str) -> dict[str, list[list[float | None]]]:
+            out = {}
+            for kind, part in table.groupby("score_kind"):
+                per_class = []
+                for name in class_names:
+                    rows = part[part["class_name"] == name].set_index("level")
+                    t, v = rows["threshold"], rows[column]
+                    per_class.append([None if np.isnan(t[lv]) else float(v[lv]) for lv in levels])
+                out[str(kind)] = per_class
+            return out
+
+        return cls(
+            list(class_names),
+            float(temperature),
+            levels,
+            grid("threshold"),
+            model_fingerprint,
+            grid("precision_lower"),
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -314,6 +350,7 @@ class Calibrator:
             "levels": self.levels,
             "thresholds": self.thresholds,
             "model_fingerprint": self.model_fingerprint,
+            "precision_lower": self.precision_lower,
         }
 
     @classmethod
@@ -326,34 +363,46 @@ class Calibrator:
                 [float(v) for v in data["levels"]],
                 data["thresholds"],
                 data.get("model_fingerprint"),
+                data.get("precision_lower"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{source}: not a valid calibrator ({type(e).__name__}: {e})") from e
 
     @cached_property
-    def level_curves(self) -> dict[str, list[tuple[np.ndarray, ...]]]:
-        """:func:`level_curve` of every class, per score kind: built on first use, not per
-        predicted batch (a Calibrator is never changed once built)."""
-        return {
-            kind: [level_curve(row, self.levels) for row in per_class]
-            for kind, per_class in self.thresholds.items()
-        }
+    def _curves(self) -> dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]]:
+        """:func:`step_curve` of every class, per (score kind, level or lower bound): built on
+        first use, not per predicted batch (a Calibrator is never changed once built)."""
+        curves = {}
+        for kind, per_class in self.thresholds.items():
+            curves[kind, "level"] = [step_curve(row, self.levels) for row in per_class]
+            if self.precision_lower is not None:
+                lower = self.precision_lower[kind]
+                curves[kind, "lower"] = [
+                    step_curve(row, bounds) for row, bounds in zip(per_class, lower, strict=True)
+                ]
+        return curves
 
-    def precision_confidence(self, logits: np.ndarray, score_kind: str = "logit") -> np.ndarray:
-        """Per sample and class, the precision level the score reaches.
-
-        0 below the lowest reachable threshold, the highest reachable level at or above its
-        threshold, and linear in the score between two thresholds: exactly level p at the
-        threshold of p.
-        """
+    def _step(self, logits: np.ndarray, score_kind: str, value: str) -> np.ndarray:
         scores = class_scores(np.asarray(logits, dtype=np.float64), score_kind)
         out = np.zeros(scores.shape, dtype=np.float64)
-        for c, (th, lv) in enumerate(self.level_curves[score_kind]):
-            if len(th) == 0:
-                continue
-            s = scores[:, c]
-            out[:, c] = np.where(s < th[0], 0.0, np.interp(s, th, lv))
+        for c, (th, values) in enumerate(self._curves[score_kind, value]):
+            out[:, c] = step_value(scores[:, c], th, values)
         return out
+
+    def precision_confidence(self, logits: np.ndarray, score_kind: str = "logit") -> np.ndarray:
+        """Per sample and class, the highest precision level whose threshold the score reaches
+        (0 below the lowest reachable threshold): "confidence >= p" selects exactly the samples
+        that "score >= threshold of p" selects."""
+        return self._step(logits, score_kind, "level")
+
+    def lower_bound_confidence(self, logits: np.ndarray, score_kind: str = "logit") -> np.ndarray:
+        """Per sample and class, the highest ``precision_lower`` of a threshold the score
+        reaches: "this >= p" asks for a 95% lower bound of p rather than a point estimate."""
+        if self.precision_lower is None:
+            raise ValueError(
+                "this calibrator.json has no precision_lower: rerun the task's calibration"
+            )
+        return self._step(logits, score_kind, "lower")
 
     def temperature_probs(self, logits: np.ndarray) -> np.ndarray:
         return softmax(np.asarray(logits, dtype=np.float64), self.temperature)
@@ -390,9 +439,8 @@ def _errors(
     errors: dict[str, Any] = {"n": len(labels)}
     bins = []
     for when, t in (("before", 1.0), ("after", temperature)):
-        probs = softmax(logits, t)
-        bins.append(reliability_bins(probs, labels))
-        measured = calibration_errors(probs, labels, reliability=bins[-1])
+        bins.append(reliability_bins(softmax(logits, t), labels))
+        measured = calibration_errors(logits, labels, t, reliability=bins[-1])
         errors |= {f"{k}_{when}": v for k, v in measured.items()}
     return errors, bins
 

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from mtmc_pipeline.config import ConfigError, TrainConfig
@@ -675,3 +676,23 @@ def test_mixed_precision_paths_train(tmp_path: Path, dtype: torch.dtype) -> None
     assert len(history) == 2 and np.isfinite(history["train_loss"]).all()
     assert np.isfinite(history["val_loss"]).all()
     assert all(torch.isfinite(t).all() for t in result.model.state_dict().values())
+
+
+def test_cpu_bf16_backward_gives_the_fp32_weight_gradient() -> None:
+    """The conv of test_resnet's layer 4 at 16 px (stride 2 onto a 1x1 map): oneDNN's bf16
+    weight gradient is wrong there, at times NaN (what made bf16 training runs flaky); the
+    runtime's backward kernels give the fp32 gradient up to bf16 rounding, every time."""
+    conv = create_model("test_resnet", 2, log=lambda _: None).layer4[0].conv1
+    x = torch.randn(4, conv.in_channels, 2, 2, generator=torch.Generator().manual_seed(0))
+    w = conv.weight.detach().bfloat16().float().requires_grad_(True)
+    F.conv2d(x.bfloat16().float(), w, None, conv.stride, conv.padding).sum().backward()
+    expected = w.grad
+    runtime = Runtime(torch.device("cpu"), torch.bfloat16)
+    for _ in range(5):
+        w = conv.weight.detach().clone().requires_grad_(True)
+        with runtime.autocast():
+            y = F.conv2d(x, w, None, conv.stride, conv.padding)
+        with runtime.backward_kernels():
+            y.float().sum().backward()
+        assert torch.isfinite(w.grad).all()
+        assert (w.grad - expected).abs().max() <= 0.02 * expected.abs().max()

@@ -144,3 +144,31 @@ def test_a_task_with_a_test_split_reports_on_test(tmp_path: Path) -> None:
     assert temperature["split"] == "val" and temperature["test"]["n"] == n_test
     row = leaderboard_row(art)
     assert row["split"] == "test" and row["ece_after"] == temperature["test"]["ece_after"]
+
+
+def test_logits_are_stored_in_fp32_under_bf16_autocast() -> None:
+    """The backbone runs under autocast, the head in fp32: logits are not rounded to bf16
+    (which moved thresholds), and they match a bf16-free head on the same features."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from mtmc_pipeline.evaluation.evaluate import predict_logits
+    from mtmc_pipeline.runtime import Runtime
+    from mtmc_pipeline.training.loader import Normalize
+    from mtmc_pipeline.training.models import Preprocess, create_model
+
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 5, log=lambda _: None).eval()
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    loader = DataLoader(TensorDataset(images, torch.zeros(6)), batch_size=3)
+    runtime = Runtime(torch.device("cpu"), torch.bfloat16)
+    normalize = Normalize(Preprocess.for_model(model, 16), runtime.device, channels_last=False)
+    logits = predict_logits(model, loader, normalize, runtime)
+    assert logits.dtype == np.float32
+    as_bf16 = torch.from_numpy(logits).bfloat16().float().numpy()
+    assert (as_bf16 != logits).mean() > 0.5  # most values carry more than bf16's 8 bits
+    with torch.no_grad(), runtime.autocast():
+        features = model.forward_features(normalize(images))
+    with torch.no_grad():
+        expected = model.forward_head(features.float()).numpy()
+    assert logits == pytest.approx(expected, abs=1e-5)

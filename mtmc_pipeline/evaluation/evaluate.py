@@ -40,7 +40,7 @@ from mtmc_pipeline.training.loader import (
     Normalize,
     inference_loader,
 )
-from mtmc_pipeline.training.models import Preprocess, load_bundle
+from mtmc_pipeline.training.models import Preprocess, load_bundle, logits_fp32
 
 EVAL_SPLITS = ("val", "test")
 ONE_VS_REST_LOSSES = frozenset({"bce", "ghm"})
@@ -56,8 +56,7 @@ def predict_logits(
     model.eval()
     out = []
     for x, _ in loader:
-        with runtime.autocast():
-            out.append(model(normalize(x)).float())
+        out.append(logits_fp32(model, normalize(x), runtime))
     return torch.cat(out).cpu().numpy() if out else np.zeros((0, 0), dtype=np.float32)
 
 

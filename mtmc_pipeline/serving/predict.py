@@ -22,7 +22,7 @@ from mtmc_pipeline.evaluation.calibrate import CALIBRATOR_FILE, Calibrator
 from mtmc_pipeline.evaluation.metrics import softmax
 from mtmc_pipeline.runtime import Runtime, resolve_runtime
 from mtmc_pipeline.training.loader import Normalize, fit_square, load_rgb
-from mtmc_pipeline.training.models import MODEL_FILE, Preprocess, load_bundle
+from mtmc_pipeline.training.models import MODEL_FILE, Preprocess, load_bundle, logits_fp32
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 COLUMNS = (
@@ -98,8 +98,7 @@ class Predictor:
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw logits (N x C) of a uint8 NxHxWx3 batch."""
         x = torch.from_numpy(batch).permute(0, 3, 1, 2)
-        with self.runtime.autocast():
-            return self.model(self.normalize(x)).float().cpu().numpy()
+        return logits_fp32(self.model, self.normalize(x), self.runtime).cpu().numpy()
 
     def check_min_precision(self, min_precision: float) -> None:
         top = max(self.calibrator.levels)

@@ -262,6 +262,8 @@ def test_realised_precision_is_measured_and_flagged() -> None:
     out = realised_precision(table, test_logits, test_labels, ["a", "b"], tolerance=0.05)
     row = out[(out["class_name"] == "a") & (out["score_kind"] == "logit") & (out["level"] == 0.9)]
     assert row["n"].item() == 3 and row["precision"].item() == pytest.approx(1 / 3)
+    # 1 of 3: the 95% upper bound is 0.865, so up to 0.53 short is noise; 0.57 short is not
+    assert row["allowed"].item() == pytest.approx(0.8647 - 1 / 3, abs=1e-3)
     assert row["flagged"].item()
     b = out[(out["class_name"] == "b") & (out["score_kind"] == "logit")].set_index("level")
     assert not b["flagged"].any()
@@ -290,7 +292,7 @@ def test_realised_precision_matches_a_row_by_row_count() -> None:
     )
     assert (~table["reachable"]).any() and (expected["n"] == 0).any()  # both edges are covered
     out = realised_precision(table, test_logits, test_labels, names, tolerance=0.05)
-    pd.testing.assert_frame_equal(out.drop(columns="flagged"), expected)
+    pd.testing.assert_frame_equal(out.drop(columns=["allowed", "flagged"]), expected)
 
 
 def _predictions(logits: np.ndarray, labels: np.ndarray, split: str) -> pd.DataFrame:

@@ -76,6 +76,17 @@ def precision_lower_bound(hits: np.ndarray, n: np.ndarray, confidence: float = 0
     return out
 
 
+def precision_upper_bound(hits: np.ndarray, n: np.ndarray, confidence: float = 0.95) -> np.ndarray:
+    """One-sided Clopper-Pearson upper bound of a precision of ``hits`` out of ``n`` (1 when
+    ``hits == n``; NaN when ``n == 0``)."""
+    hits, n = np.asarray(hits, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    out = np.ones_like(hits)
+    out[n == 0] = np.nan
+    ok = (hits < n) & (n > 0)
+    out[ok] = beta.ppf(confidence, hits[ok] + 1, n[ok] - hits[ok])
+    return out
+
+
 def precision_thresholds(
     scores: np.ndarray, positive: np.ndarray, levels: list[float], min_support: int = 1
 ) -> pd.DataFrame:
@@ -83,8 +94,9 @@ def precision_thresholds(
 
     ``scores`` are that class's scores over the calibration set, ``positive`` marks the
     samples whose true class it is. Candidate thresholds are the distinct scores (tied samples
-    are kept or dropped together) that keep at least ``min_support`` samples: with the default
-    of 1, one negative scored above every positive makes the class unreachable at any level.
+    are kept or dropped together) that keep at least ``min_support`` samples, so no level rests
+    on a couple of images (with 1, one negative scored above every positive would make the
+    class unreachable at any level).
     Columns: level, threshold (NaN when unreachable), reachable, support (samples scored
     >= t), recall, precision and its 95% lower bound at t.
     """
@@ -158,8 +170,11 @@ def realised_precision(
 ) -> pd.DataFrame:
     """Precision each reachable threshold actually reaches on other held-out data (test).
 
-    ``n`` counts the images scored >= t (precision is NaN when there are none); ``flagged``
-    marks rows whose precision falls more than ``tolerance`` below their level.
+    ``n`` counts the images scored >= t (precision is NaN when there are none). ``allowed`` is
+    how far the precision may fall short of its level: ``tolerance``, or the one-sided 95%
+    Clopper-Pearson slack of ``n`` images (upper bound minus precision) when that is larger,
+    since on a few images a short fall within it is sampling noise. ``flagged`` marks rows
+    that fall short by more.
     """
     check_finite(logits, "test split")
     column = {name: c for c, name in enumerate(class_names)}
@@ -177,9 +192,12 @@ def realised_precision(
             n[rows], hits[rows] = kept.sum(0), kept[labels == c].sum(0)
         part["n"] = n
         part["precision"] = np.divide(hits, n, out=np.full(len(n), np.nan), where=n > 0)
+        slack = precision_upper_bound(hits, n) - part["precision"].to_numpy()
+        part["allowed"] = np.maximum(tolerance, np.nan_to_num(slack))
         parts.append(part)
     out = pd.concat(parts, ignore_index=True)
-    out["flagged"] = (out["n"] > 0) & (out["precision"] < out["level"] - tolerance - _EPS)
+    short = out["level"] - out["precision"]
+    out["flagged"] = (out["n"] > 0) & (short > out["allowed"] + _EPS)
     return out
 
 
@@ -462,8 +480,9 @@ def calibrate(
     temperature = fit_temperature(logits, labels)
     errors, (before, after) = _errors(logits, labels, temperature)
     summary: dict[str, Any] = {"temperature": temperature, "split": FIT_SPLIT, **errors}
-    realised = None
     test_logits, test_labels = _split_logits(preds, CHECK_SPLIT)
+    summary["checked_on"] = CHECK_SPLIT if len(test_labels) else None
+    realised = None
     if len(test_labels):
         realised = realised_precision(
             table, test_logits, test_labels, class_names, config.tolerance
@@ -517,7 +536,17 @@ def report_markdown(
 ) -> str:
     """Temperature and errors, the logit thresholds of a few levels, realised precision."""
     lines = [f"## Calibration on `{summary['split']}` ({summary['n']} images)", ""]
-    lines += [f"Temperature {summary['temperature']:.3f} (fitted by NLL on val).", ""]
+    seen = (
+        f"checked on `{CHECK_SPLIT}` ({summary[CHECK_SPLIT]['n']} images that neither training, "
+        "epoch selection nor calibration saw)"
+        if summary.get("checked_on")
+        else "not checked on held-out images: the task has no test split"
+    )
+    lines += [
+        f"Thresholds and temperature fitted on `{FIT_SPLIT}` (which also picked the model's "
+        f"best epoch); {seen}. Temperature {summary['temperature']:.3f} (fitted by NLL).",
+        "",
+    ]
     splits = [s for s in (FIT_SPLIT, CHECK_SPLIT) if s == FIT_SPLIT or s in summary]
     lines += ["| metric | " + " | ".join(f"{s} before | {s} after" for s in splits) + " |"]
     lines += ["|---|" + "---|---|" * len(splits)]
@@ -560,13 +589,15 @@ def report_markdown(
         lines += ["", "### Realised precision on `test`", ""]
         lines += [
             f"{len(checked)} (class, level) logit thresholds select test images; "
-            f"{len(flagged)} fall more than {tolerance} below their level."
+            f"{len(flagged)} fall short of their level by more than {tolerance} (or, on few "
+            "images, more than the 95% Clopper-Pearson slack)."
         ]
         if len(flagged):
-            lines += ["", "| class | level | threshold | test images | precision |"]
-            lines += ["|---|---|---|---|---|"]
+            lines += ["", "| class | level | threshold | test images | precision | allowed |"]
+            lines += ["|---|---|---|---|---|---|"]
             lines += [
-                f"| {r.class_name} | {r.level:g} | {r.threshold:.2f} | {r.n} | {r.precision:.3f} |"
+                f"| {r.class_name} | {r.level:g} | {r.threshold:.2f} | {r.n} | {r.precision:.3f} "
+                f"| {r.allowed:.3f} |"
                 for r in flagged.head(20).itertuples()
             ]
     lines += ["", f"![reliability diagram]({RELIABILITY_PNG})", ""]

@@ -31,6 +31,7 @@ COLUMNS = (
     "softmax_prob",
     "temperature_prob",
     "calibrated_confidence",
+    "precision_lower",
     "labels_at_min_precision",
     "confidences_at_min_precision",
     "error",
@@ -93,6 +94,7 @@ class Predictor:
                 " (retrained since?): materialize the task's evaluation and calibration again"
             )
         self.normalize = Normalize(self.pre, self.runtime.device, channels_last=True)
+        self.use_lower_bound = False
 
     @torch.no_grad()
     def logits(self, batch: np.ndarray) -> np.ndarray:
@@ -109,14 +111,26 @@ class Predictor:
             )
 
     def predict(
-        self, paths: Iterable[Path], min_precision: float = 0.9, batch_size: int | None = None
+        self,
+        paths: Iterable[Path],
+        min_precision: float = 0.9,
+        batch_size: int | None = None,
+        use_lower_bound: bool = False,
     ) -> pd.DataFrame:
         """One row per path, in order (columns: ``COLUMNS``).
 
-        The next batch is decoded by the thread pool while the model runs on this one. Batches
-        default to the runtime's ``inference_batch_size``.
+        ``use_lower_bound``: a class is listed when the 95% lower bound of its threshold's
+        precision, not the point estimate, reaches ``min_precision``. The next batch is decoded
+        by the thread pool while the model runs on this one. Batches default to the runtime's
+        ``inference_batch_size``.
         """
         self.check_min_precision(min_precision)
+        if use_lower_bound and self.calibrator.precision_lower is None:
+            raise ValueError(
+                "--use-lower-bound: this calibrator.json has no precision_lower; "
+                "materialize the task's calibration again"
+            )
+        self.use_lower_bound = use_lower_bound
         rows: list[dict[str, object]] = []
         chunks = _batches(paths, batch_size or self.runtime.inference_batch_size)
         with ThreadPoolExecutor(self.decode_threads) as pool:
@@ -152,9 +166,15 @@ class Predictor:
         probs = softmax(logits)
         tprobs = self.calibrator.temperature_probs(logits)
         conf = self.calibrator.precision_confidence(logits, "logit")
+        lower = (
+            self.calibrator.lower_bound_confidence(logits, "logit")
+            if self.calibrator.precision_lower is not None
+            else np.full(conf.shape, np.nan)
+        )
+        select = lower if self.use_lower_bound else conf
         out = []
         for k, c in enumerate(logits.argmax(1)):
-            confident = np.nonzero(conf[k] >= min_precision)[0]
+            confident = np.nonzero(select[k] >= min_precision)[0]
             confident = confident[np.argsort(-conf[k, confident], kind="stable")]
             out.append(
                 {
@@ -162,6 +182,7 @@ class Predictor:
                     "softmax_prob": float(probs[k, c]),
                     "temperature_prob": float(tprobs[k, c]),
                     "calibrated_confidence": float(conf[k, c]),
+                    "precision_lower": float(lower[k, c]),
                     "labels_at_min_precision": [self.class_names[j] for j in confident],
                     "confidences_at_min_precision": [float(conf[k, j]) for j in confident],
                 }

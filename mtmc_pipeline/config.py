@@ -290,6 +290,14 @@ class CalibrationConfig(_Section):
         "no level rests on a couple of images (and one high-scoring mistake cannot leave a "
         "class without levels).",
     )
+    fit_confidence: float = Field(
+        0.9,
+        ge=0,
+        lt=1,
+        description="A level's threshold needs the one-sided Clopper-Pearson lower bound of "
+        "this confidence of its val precision to reach the level (0: the precision itself); "
+        "higher levels and fewer images need more margin, so new images rarely fall short.",
+    )
 
     @field_validator("levels")
     @classmethod

@@ -88,7 +88,11 @@ def precision_upper_bound(hits: np.ndarray, n: np.ndarray, confidence: float = 0
 
 
 def precision_thresholds(
-    scores: np.ndarray, positive: np.ndarray, levels: list[float], min_support: int = 1
+    scores: np.ndarray,
+    positive: np.ndarray,
+    levels: list[float],
+    min_support: int = 1,
+    fit_confidence: float = 0.0,
 ) -> pd.DataFrame:
     """For one class: the threshold of each precision level, and what it keeps on this data.
 
@@ -96,12 +100,17 @@ def precision_thresholds(
     samples whose true class it is. Candidate thresholds are the distinct scores (tied samples
     are kept or dropped together) that keep at least ``min_support`` samples, so no level rests
     on a couple of images (with 1, one negative scored above every positive would make the
-    class unreachable at any level).
+    class unreachable at any level). With ``fit_confidence`` c > 0, what must reach a level is
+    the one-sided Clopper-Pearson lower bound of confidence c of the precision at t, not tp / n
+    itself: a precision found on few images, or picked as the lowest threshold that reaches
+    a level, would otherwise promise more than new images give.
     Columns: level, threshold (NaN when unreachable), reachable, support (samples scored
     >= t), recall, precision and its 95% lower bound at t.
     """
     thresholds, tp, n = ranked_counts(scores, positive)
     precision = tp / n
+    if fit_confidence > 0:
+        precision = precision_lower_bound(tp, n, fit_confidence)
     # precision guaranteed at t and at every higher threshold: running minimum from the top,
     # hence non-increasing as t falls, and each level's lowest threshold is a search away
     # (thresholds keeping fewer than min_support samples neither count nor constrain)
@@ -147,6 +156,7 @@ def threshold_table(
     class_names: list[str],
     levels: list[float],
     min_support: int = 1,
+    fit_confidence: float = 0.0,
 ) -> pd.DataFrame:
     """The calibration table for raw logits and for softmax probabilities."""
     check_finite(logits, "calibration split")
@@ -154,7 +164,7 @@ def threshold_table(
     for kind in SCORE_KINDS:
         scores = class_scores(logits, kind)
         for c, name in enumerate(class_names):
-            t = precision_thresholds(scores[:, c], labels == c, levels, min_support)
+            t = precision_thresholds(scores[:, c], labels == c, levels, min_support, fit_confidence)
             t.insert(0, "score_kind", kind)
             t.insert(0, "class_name", name)
             parts.append(t)
@@ -476,7 +486,9 @@ def calibrate(
     logits, labels = _split_logits(preds, FIT_SPLIT)
     if len(labels) == 0:
         raise ValueError("predictions.parquet has no val images: calibration is fitted on val")
-    table = threshold_table(logits, labels, class_names, config.levels, config.min_support)
+    table = threshold_table(
+        logits, labels, class_names, config.levels, config.min_support, config.fit_confidence
+    )
     temperature = fit_temperature(logits, labels)
     errors, (before, after) = _errors(logits, labels, temperature)
     summary: dict[str, Any] = {"temperature": temperature, "split": FIT_SPLIT, **errors}

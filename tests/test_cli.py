@@ -176,7 +176,8 @@ def test_summary_prints_every_task(materialized: Materialized, capsys) -> None:
     board = pd.read_parquet(materialized.artifacts / "summary" / "leaderboard.parquet")
     digits = board.set_index("task").loc["digits"]
     assert f"accuracy {digits['accuracy']:.4f}" in out and f"mAP {digits['mAP']:.4f}" in out
-    assert f"ECE on val {digits['ece_before']:.4f} -> {digits['ece_after']:.4f}" in out
+    assert digits["split"] == "test"  # carved by default
+    assert f"ECE on test {digits['ece_before']:.4f} -> {digits['ece_after']:.4f}" in out
 
 
 def test_summary_without_a_leaderboard(tmp_path: Path, capsys) -> None:

@@ -23,6 +23,9 @@ from tests.conftest import Materialized
 TEST_SPLIT_TASK = """\
 split:
   test_fraction: 0.2
+calibration:  # 2 val images a class: without these no level is reachable
+  min_support: 3
+  fit_confidence: 0
 train:
   model: test_resnet
   img_size: 16
@@ -87,7 +90,7 @@ def test_confusion_parquet_has_counts_and_row_fractions(materialized: Materializ
 def test_report_shows_the_required_sections_in_the_ui(materialized: Materialized) -> None:
     ev = _read(materialized, "pattern")[0]
     report = (ev / "report.md").read_text("utf-8")
-    for heading in ("## Evaluation on `val`", "Worst classes", "Most confused pairs", "mistakes"):
+    for heading in ("## Evaluation on `test`", "Worst classes", "Most confused pairs", "mistakes"):
         assert heading in report
     assert "| CP | CR | CF1 | OP | OR | OF1 |" in report
     assert "](confusion.png)" in report and "](confusion_normalized.png)" in report
@@ -97,7 +100,8 @@ def test_report_shows_the_required_sections_in_the_ui(materialized: Materialized
         if key in ("pattern/evaluation", "pattern/calibration"):
             shown[key] = event.materialization.metadata["report"].value
     assert shown["pattern/evaluation"].count("](data:image/png;base64,") == 2
-    assert "## Evaluation on `val`" in shown["pattern/evaluation"]
+    assert "## Evaluation on `test`" in shown["pattern/evaluation"]
+    assert "neither training, epoch selection nor calibration saw" in shown["pattern/evaluation"]
     assert "### Logit thresholds" in shown["pattern/calibration"]
     assert "](data:image/png;base64," in shown["pattern/calibration"]
 

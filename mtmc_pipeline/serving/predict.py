@@ -94,7 +94,6 @@ class Predictor:
                 " (retrained since?): materialize the task's evaluation and calibration again"
             )
         self.normalize = Normalize(self.pre, self.runtime.device, channels_last=True)
-        self.use_lower_bound = False
 
     @torch.no_grad()
     def logits(self, batch: np.ndarray) -> np.ndarray:
@@ -130,7 +129,6 @@ class Predictor:
                 "--use-lower-bound: this calibrator.json has no precision_lower; "
                 "materialize the task's calibration again"
             )
-        self.use_lower_bound = use_lower_bound
         rows: list[dict[str, object]] = []
         chunks = _batches(paths, batch_size or self.runtime.inference_batch_size)
         with ThreadPoolExecutor(self.decode_threads) as pool:
@@ -144,12 +142,16 @@ class Predictor:
                 decoded = [f.result() for f in pending]
                 following = next(chunks, None)
                 pending = submit(following)
-                rows += self._rows(chunk, decoded, min_precision)
+                rows += self._rows(chunk, decoded, min_precision, use_lower_bound)
                 chunk = following
         return pd.DataFrame(rows, columns=list(COLUMNS))
 
     def _rows(
-        self, chunk: tuple[Path, ...], decoded: list[np.ndarray | str], min_precision: float
+        self,
+        chunk: tuple[Path, ...],
+        decoded: list[np.ndarray | str],
+        min_precision: float,
+        use_lower_bound: bool,
     ) -> list[dict[str, object]]:
         rows: list[dict[str, object]] = [
             {"path": str(p), "error": d if isinstance(d, str) else None}
@@ -158,11 +160,14 @@ class Predictor:
         good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
         if good:
             logits = self.logits(np.stack([decoded[i] for i in good]))
-            for i, values in zip(good, self._describe(logits, min_precision), strict=True):
+            described = self._describe(logits, min_precision, use_lower_bound)
+            for i, values in zip(good, described, strict=True):
                 rows[i].update(values)
         return rows
 
-    def _describe(self, logits: np.ndarray, min_precision: float) -> list[dict[str, object]]:
+    def _describe(
+        self, logits: np.ndarray, min_precision: float, use_lower_bound: bool
+    ) -> list[dict[str, object]]:
         probs = softmax(logits)
         tprobs = self.calibrator.temperature_probs(logits)
         conf = self.calibrator.precision_confidence(logits, "logit")
@@ -171,7 +176,7 @@ class Predictor:
             if self.calibrator.precision_lower is not None
             else np.full(conf.shape, np.nan)
         )
-        select = lower if self.use_lower_bound else conf
+        select = lower if use_lower_bound else conf
         out = []
         for k, c in enumerate(logits.argmax(1)):
             confident = np.nonzero(select[k] >= min_precision)[0]

@@ -1,5 +1,5 @@
 """Precision-threshold tables on scores where the right answer is known, the calibrator's
-interpolation, realised precision on test, temperature scaling and calibration errors."""
+step confidences, realised precision on test, temperature scaling and calibration errors."""
 
 from __future__ import annotations
 

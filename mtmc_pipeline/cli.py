@@ -61,7 +61,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return 2
     try:
         predictor = Predictor(art.dir, resolve_runtime(args.device))
-        df = predictor.predict(expand_inputs(args.inputs), args.min_precision, args.batch_size)
+        df = predictor.predict(
+            expand_inputs(args.inputs), args.min_precision, args.batch_size, args.use_lower_bound
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -71,8 +73,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         df["labels_at_min_precision"].map(lambda v: isinstance(v, list) and len(v) > 0).sum()
     )
     print(
-        f"{len(df)} predictions written to {out}: {confident} with a class at precision >= "
-        f"{args.min_precision}, {errors} unreadable files"
+        f"{len(df)} predictions written to {out}: {confident} with a class at precision "
+        f"{'lower bound ' if args.use_lower_bound else ''}>= {args.min_precision}, "
+        f"{errors} unreadable files"
     )
     return 0
 
@@ -165,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.9,
         help="list every class whose calibrated confidence reaches this precision level",
+    )
+    p.add_argument(
+        "--use-lower-bound",
+        action="store_true",
+        help="require the 95%% lower bound of the precision (precision_lower), not the estimate",
     )
     p.add_argument("--artifacts", default=str(default_artifacts()), help="artifact root")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")

@@ -92,8 +92,21 @@ class IntegrityConfig(_Section):
 
 
 class SplitConfig(_Section):
-    val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of each class held out.")
-    test_fraction: float = Field(0.0, ge=0, lt=1, description="Share held out as test.")
+    val_fraction: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="Share of each class carved as val (picks the epoch, fits calibration) "
+        "when there is no val/ folder.",
+    )
+    test_fraction: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="Share of each class carved as test when there is no test/ folder: the "
+        "headline metrics and the realised-precision check come from it (0: none; metrics "
+        "then come from val, which selection and calibration also saw).",
+    )
     folds: int = Field(0, ge=0, description="If >= 2, assign a k-fold column on train.")
     seed: int = Field(0, description="Salt of the hash that assigns files to splits.")
 
@@ -282,13 +295,26 @@ class CalibrationConfig(_Section):
         default_factory=default_levels, description="Precision levels of the threshold table."
     )
     tolerance: float = Field(
-        0.05, ge=0, le=1, description="Test split: realised precision may fall this far short."
+        0.05,
+        ge=0,
+        le=1,
+        description="Test split: realised precision may fall this far short of its level (or "
+        "by the 95% Clopper-Pearson slack of the test images, when that is larger).",
     )
     min_support: int = Field(
-        1,
+        10,
         ge=1,
-        description="A threshold counts only if this many val images score at or above it "
-        "(raise it so one high-scoring mistake cannot leave a class without levels).",
+        description="A threshold counts only if this many val images score at or above it: "
+        "no level rests on a couple of images (and one high-scoring mistake cannot leave a "
+        "class without levels).",
+    )
+    fit_confidence: float = Field(
+        0.9,
+        ge=0,
+        lt=1,
+        description="A level's threshold needs the one-sided Clopper-Pearson lower bound of "
+        "this confidence of its val precision to reach the level (0: the precision itself); "
+        "higher levels and fewer images need more margin, so new images rarely fall short.",
     )
 
     @field_validator("levels")

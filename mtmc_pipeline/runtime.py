@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,6 +29,21 @@ class Runtime:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    @contextlib.contextmanager
+    def backward_kernels(self) -> Iterator[None]:
+        """Where a backward pass runs. On a CPU under bf16 autocast: PyTorch's native kernels,
+        not oneDNN's, whose bf16 convolution weight gradient (oneDNN 3.12 in torch 2.14) comes
+        out wrong, at times NaN, for some small shapes (a stride-2 conv to a 1x1 map)."""
+        if self.device.type != "cpu" or self.amp_dtype != torch.bfloat16:
+            yield
+            return
+        saved = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = False
+        try:
+            yield
+        finally:
+            torch.backends.mkldnn.enabled = saved
 
     @property
     def inference_batch_size(self) -> int:

@@ -1,5 +1,5 @@
 """Precision-threshold tables on scores where the right answer is known, the calibrator's
-interpolation, realised precision on test, temperature scaling and calibration errors."""
+step confidences, realised precision on test, temperature scaling and calibration errors."""
 
 from __future__ import annotations
 
@@ -150,14 +150,57 @@ def _calibrator(thresholds: list[float | None], levels: list[float]) -> Calibrat
     return Calibrator(["a"], 1.0, levels, {"logit": [thresholds]})
 
 
-def test_confidence_interpolates_between_levels_and_handles_repeated_thresholds() -> None:
+def test_confidence_is_the_highest_level_reached_and_handles_repeated_thresholds() -> None:
     # 0.5, 0.6 and 0.7 share threshold 2.0; 0.8 needs 3.0; 0.9 is unreachable
     cal = _calibrator([2.0, 2.0, 2.0, 3.0, None], [0.5, 0.6, 0.7, 0.8, 0.9])
-    scores = np.array([1.99, 2.0, 2.5, 3.0, 7.0])
+    scores = np.array([1.99, 2.0, 2.5, 2.999, 3.0, 7.0])
     conf = cal.precision_confidence(scores[:, None])[:, 0]
-    # below the lowest threshold: 0; at 2.0 every shared level holds: 0.7; halfway: 0.75;
-    # from 3.0 on: the highest reachable level, never the unreachable 0.9
-    assert conf == pytest.approx([0.0, 0.7, 0.75, 0.8, 0.8])
+    # below the lowest threshold: 0; from 2.0 every shared level holds: 0.7, and no more until
+    # 0.8's threshold; from 3.0 on the highest reachable level, never the unreachable 0.9
+    assert conf == pytest.approx([0.0, 0.7, 0.7, 0.7, 0.8, 0.8])
+
+
+def test_confidence_selects_exactly_what_each_threshold_selects() -> None:
+    """On random score sets with many ties: "confidence >= p" keeps the very images that
+    "score >= threshold(p)" keeps, for every reachable level p (also for the softmax kind)."""
+    rng = np.random.default_rng(12)
+    levels = LEVELS
+    for trial in range(40):
+        n, k = int(rng.integers(20, 300)), int(rng.integers(2, 5))
+        labels = rng.integers(0, k, n)
+        logits = np.round(rng.normal(size=(n, k)) + rng.uniform(0, 3) * np.eye(k)[labels], 1)
+        names = [f"c{c}" for c in range(k)]
+        table = threshold_table(logits, labels, names, levels, int(rng.integers(1, 4)))
+        cal = Calibrator.from_json(Calibrator.from_table(table, names, 1.0).to_json())
+        for kind in ("logit", "softmax"):
+            conf = cal.precision_confidence(logits, kind)
+            scores = softmax(logits) if kind == "softmax" else logits
+            rows = table[(table["score_kind"] == kind) & table["reachable"]]
+            for r in rows.itertuples():
+                c = names.index(r.class_name)
+                by_threshold = scores[:, c] >= r.threshold
+                assert ((conf[:, c] >= r.level) == by_threshold).all(), (trial, kind, r)
+                # and what it keeps is right at least that often on these images
+                assert (labels[by_threshold] == c).mean() >= r.level - 1e-12
+
+
+def test_lower_bound_confidence_selects_by_the_precision_lower_of_a_threshold() -> None:
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 400)
+    logits = np.round(rng.normal(size=(400, 2)) + 2.0 * np.eye(2)[labels], 1)
+    table = threshold_table(logits, labels, ["a", "b"], LEVELS)
+    cal = Calibrator.from_json(Calibrator.from_table(table, ["a", "b"], 1.0).to_json())
+    lower = cal.lower_bound_confidence(logits)
+    assert (lower <= cal.precision_confidence(logits) + 1e-12).all()
+    for c, name in enumerate(["a", "b"]):
+        rows = table[(table["score_kind"] == "logit") & (table["class_name"] == name)]
+        rows = rows[rows["reachable"]]
+        for q in (0.5, 0.8, 0.9):
+            meets = rows[rows["precision_lower"] >= q]
+            expected = (
+                logits[:, c] >= meets["threshold"].min() if len(meets) else np.zeros(400, bool)
+            )
+            assert ((lower[:, c] >= q) == expected).all()
 
 
 def test_confidence_is_non_decreasing_in_the_score() -> None:
@@ -219,6 +262,8 @@ def test_realised_precision_is_measured_and_flagged() -> None:
     out = realised_precision(table, test_logits, test_labels, ["a", "b"], tolerance=0.05)
     row = out[(out["class_name"] == "a") & (out["score_kind"] == "logit") & (out["level"] == 0.9)]
     assert row["n"].item() == 3 and row["precision"].item() == pytest.approx(1 / 3)
+    # 1 of 3: the 95% upper bound is 0.865, so up to 0.53 short is noise; 0.57 short is not
+    assert row["allowed"].item() == pytest.approx(0.8647 - 1 / 3, abs=1e-3)
     assert row["flagged"].item()
     b = out[(out["class_name"] == "b") & (out["score_kind"] == "logit")].set_index("level")
     assert not b["flagged"].any()
@@ -247,7 +292,7 @@ def test_realised_precision_matches_a_row_by_row_count() -> None:
     )
     assert (~table["reachable"]).any() and (expected["n"] == 0).any()  # both edges are covered
     out = realised_precision(table, test_logits, test_labels, names, tolerance=0.05)
-    pd.testing.assert_frame_equal(out.drop(columns="flagged"), expected)
+    pd.testing.assert_frame_equal(out.drop(columns=["allowed", "flagged"]), expected)
 
 
 def _predictions(logits: np.ndarray, labels: np.ndarray, split: str) -> pd.DataFrame:
@@ -297,8 +342,8 @@ def test_temperature_scaling_never_raises_nll() -> None:
     t = fit_temperature(overconfident, labels)
     assert t > 1.5
     assert cross_entropy(overconfident, labels, t) < cross_entropy(overconfident, labels)
-    before = calibration_errors(softmax(overconfident), labels)
-    after = calibration_errors(softmax(overconfident, t), labels)
+    before = calibration_errors(overconfident, labels)
+    after = calibration_errors(overconfident, labels, t)
     assert after["ece"] < before["ece"] and after["nll"] < before["nll"]
     assert fit_temperature(underconfident, labels) < 1
     # labels unrelated to the logits: the best temperature flattens towards uniform, and the
@@ -308,16 +353,27 @@ def test_temperature_scaling_never_raises_nll() -> None:
     assert cross_entropy(noise, labels, t) <= cross_entropy(noise, labels)
 
 
+def test_reported_nll_is_not_capped_by_a_probability_clip() -> None:
+    # the true class 30 logits below the other: -log p = 30 + log(1 + e^-30), where a clip of
+    # p at 1e-12 would report log(1e12) = 27.6
+    logits = np.array([[30.0, 0.0], [0.0, 5.0]])
+    labels = np.array([1, 1])
+    errors = calibration_errors(logits, labels)
+    assert errors["nll"] == pytest.approx(cross_entropy(logits, labels))
+    assert errors["nll"] == pytest.approx((30 + np.log1p(np.exp(-30)) + np.log1p(np.exp(-5))) / 2)
+
+
 def test_calibration_errors_against_hand_values_and_sklearn() -> None:
     # two images at confidence 0.9, one right and one wrong: one bin, accuracy 0.5
-    probs = np.array([[0.9, 0.1], [0.9, 0.1]])
+    logits = np.log(np.array([[0.9, 0.1], [0.9, 0.1]]))
     labels = np.array([0, 1])
-    errors = calibration_errors(probs, labels)
+    errors = calibration_errors(logits, labels)
     assert errors["ece"] == pytest.approx(0.4) and errors["mce"] == pytest.approx(0.4)
     rng = np.random.default_rng(7)
     labels = rng.integers(0, 4, 300)
-    probs = softmax(rng.normal(size=(300, 4)) * 2)
-    errors = calibration_errors(probs, labels)
+    logits = rng.normal(size=(300, 4)) * 2
+    probs = softmax(logits)
+    errors = calibration_errors(logits, labels)
     assert errors["nll"] == pytest.approx(log_loss(labels, probs, labels=[0, 1, 2, 3]))
     assert errors["brier"] == pytest.approx(brier_score_loss(labels, probs, labels=[0, 1, 2, 3]))
     bins = reliability_bins(probs, labels)

@@ -176,7 +176,8 @@ def test_summary_prints_every_task(materialized: Materialized, capsys) -> None:
     board = pd.read_parquet(materialized.artifacts / "summary" / "leaderboard.parquet")
     digits = board.set_index("task").loc["digits"]
     assert f"accuracy {digits['accuracy']:.4f}" in out and f"mAP {digits['mAP']:.4f}" in out
-    assert f"ECE on val {digits['ece_before']:.4f} -> {digits['ece_after']:.4f}" in out
+    assert digits["split"] == "test"  # carved by default
+    assert f"ECE on test {digits['ece_before']:.4f} -> {digits['ece_after']:.4f}" in out
 
 
 def test_summary_without_a_leaderboard(tmp_path: Path, capsys) -> None:
@@ -203,3 +204,38 @@ def test_demo_data_is_deterministic_and_leaves_unchanged_files_alone(tmp_path: P
         for f in files_a
         if (tmp_path / "a" / f).is_file()
     )
+
+
+@pytest.mark.parametrize("use_lower_bound", [False, True])
+def test_predict_min_precision_selects_what_the_table_threshold_selects(
+    materialized: Materialized, tmp_path: Path, use_lower_bound: bool
+) -> None:
+    """Every image and class: listed at --min-precision p exactly when its logit reaches the
+    table's threshold for p (with --use-lower-bound: the lowest threshold whose
+    precision_lower reaches p)."""
+    art = materialized.artifacts / "pattern"
+    table = pd.read_parquet(art / "calibration" / "calibration.parquet")
+    logit = table[(table["score_kind"] == "logit") & table["reachable"]]
+    column = "precision_lower" if use_lower_bound else "level"
+    p = round(float(logit[column].median()), 3)
+    assert p > 0
+    evaluated = pd.read_parquet(art / "evaluation" / "predictions.parquet")
+    paths = [materialized.data_root / "pattern" / r for r in evaluated["relpath"]]
+    out = tmp_path / "preds.parquet"
+    extra = ("--min-precision", str(p), *(("--use-lower-bound",) if use_lower_bound else ()))
+    assert _predict(materialized.artifacts, out, *paths, extra=extra) == 0
+    df = pd.read_parquet(out)
+    assert df["error"].isna().all() and len(df) == len(evaluated)
+    logits = np.stack(evaluated["logits"].to_numpy()).astype(np.float64)
+    names = json.loads((art / "calibration" / "calibrator.json").read_text())["class_names"]
+    listed = 0
+    for c, name in enumerate(names):
+        rows = logit[logit["class_name"] == name]
+        rows = rows[rows["precision_lower"] >= p] if use_lower_bound else rows[rows["level"] >= p]
+        threshold = rows["threshold"].min() if len(rows) else np.inf
+        expected = logits[:, c] >= threshold
+        got = df["labels_at_min_precision"].map(lambda v, name=name: name in list(v)).to_numpy()
+        near = np.abs(logits[:, c] - threshold) < 1e-4  # a last-bit difference of two runs
+        assert (got == expected)[~near].all(), name
+        listed += int(got.sum())
+    assert listed > 0  # the check selected something

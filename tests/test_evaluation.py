@@ -23,6 +23,9 @@ from tests.conftest import Materialized
 TEST_SPLIT_TASK = """\
 split:
   test_fraction: 0.2
+calibration:  # 2 val images a class: without these no level is reachable
+  min_support: 3
+  fit_confidence: 0
 train:
   model: test_resnet
   img_size: 16
@@ -87,7 +90,7 @@ def test_confusion_parquet_has_counts_and_row_fractions(materialized: Materializ
 def test_report_shows_the_required_sections_in_the_ui(materialized: Materialized) -> None:
     ev = _read(materialized, "pattern")[0]
     report = (ev / "report.md").read_text("utf-8")
-    for heading in ("## Evaluation on `val`", "Worst classes", "Most confused pairs", "mistakes"):
+    for heading in ("## Evaluation on `test`", "Worst classes", "Most confused pairs", "mistakes"):
         assert heading in report
     assert "| CP | CR | CF1 | OP | OR | OF1 |" in report
     assert "](confusion.png)" in report and "](confusion_normalized.png)" in report
@@ -97,7 +100,8 @@ def test_report_shows_the_required_sections_in_the_ui(materialized: Materialized
         if key in ("pattern/evaluation", "pattern/calibration"):
             shown[key] = event.materialization.metadata["report"].value
     assert shown["pattern/evaluation"].count("](data:image/png;base64,") == 2
-    assert "## Evaluation on `val`" in shown["pattern/evaluation"]
+    assert "## Evaluation on `test`" in shown["pattern/evaluation"]
+    assert "neither training, epoch selection nor calibration saw" in shown["pattern/evaluation"]
     assert "### Logit thresholds" in shown["pattern/calibration"]
     assert "](data:image/png;base64," in shown["pattern/calibration"]
 
@@ -113,7 +117,7 @@ def test_temperature_is_fitted_on_val_and_never_raises_its_nll(
     temp = json.loads(
         (materialized.artifacts / task / "calibration" / "temperature.json").read_text("utf-8")
     )
-    after = calibration_errors(softmax(logits, temp["temperature"]), y)
+    after = calibration_errors(logits, y, temp["temperature"])
     assert temp["nll_after"] == pytest.approx(after["nll"]) and temp["ece_after"] == pytest.approx(
         after["ece"]
     )
@@ -144,3 +148,31 @@ def test_a_task_with_a_test_split_reports_on_test(tmp_path: Path) -> None:
     assert temperature["split"] == "val" and temperature["test"]["n"] == n_test
     row = leaderboard_row(art)
     assert row["split"] == "test" and row["ece_after"] == temperature["test"]["ece_after"]
+
+
+def test_logits_are_stored_in_fp32_under_bf16_autocast() -> None:
+    """The backbone runs under autocast, the head in fp32: logits are not rounded to bf16
+    (which moved thresholds), and they match a bf16-free head on the same features."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from mtmc_pipeline.evaluation.evaluate import predict_logits
+    from mtmc_pipeline.runtime import Runtime
+    from mtmc_pipeline.training.loader import Normalize
+    from mtmc_pipeline.training.models import Preprocess, create_model
+
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 5, log=lambda _: None).eval()
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    loader = DataLoader(TensorDataset(images, torch.zeros(6)), batch_size=3)
+    runtime = Runtime(torch.device("cpu"), torch.bfloat16)
+    normalize = Normalize(Preprocess.for_model(model, 16), runtime.device, channels_last=False)
+    logits = predict_logits(model, loader, normalize, runtime)
+    assert logits.dtype == np.float32
+    as_bf16 = torch.from_numpy(logits).bfloat16().float().numpy()
+    assert (as_bf16 != logits).mean() > 0.5  # most values carry more than bf16's 8 bits
+    with torch.no_grad(), runtime.autocast():
+        features = model.forward_features(normalize(images))
+    with torch.no_grad():
+        expected = model.forward_head(features.float()).numpy()
+    assert logits == pytest.approx(expected, abs=1e-5)

@@ -146,7 +146,9 @@ def test_split_manifest_contract(materialized: Materialized) -> None:
 def test_pattern_keeps_its_split_folders(materialized: Materialized) -> None:
     manifest = pd.read_parquet(materialized.artifacts / "pattern" / "splits.parquet")
     folder = manifest["relpath"].str.split("/").str[0]
-    assert (folder == manifest["split"]).all()
+    assert (manifest.loc[folder == "val", "split"] == "val").all()
+    # no test/ folder: test is carved out of train/ (split.test_fraction)
+    assert set(manifest.loc[folder == "train", "split"]) == {"train", "test"}
     classes = class_names_from_schema(
         pq.read_schema(materialized.artifacts / "pattern" / "splits.parquet")
     )
@@ -193,14 +195,15 @@ def test_evaluation_outputs(materialized: Materialized) -> None:
     preds = pd.read_parquet(ev / "predictions.parquet")
     assert {"relpath", "split"} <= set(preds.columns)
     manifest = pd.read_parquet(materialized.artifacts / "digits" / "splits.parquet")
-    val = manifest.loc[manifest["split"] == "val", "relpath"]
-    assert set(preds["split"]) == {"val"} and sorted(preds["relpath"]) == sorted(val)
-    assert len(preds) == metrics["n"]
+    held = manifest.loc[manifest["split"].isin(["val", "test"]), "relpath"]
+    assert set(preds["split"]) == {"val", "test"} and sorted(preds["relpath"]) == sorted(held)
+    assert metrics["split"] == "test" and (preds["split"] == "test").sum() == metrics["n"]
     assert all(len(logits) == 10 for logits in preds["logits"])
     assert (preds["pred"] == [int(np.argmax(v)) for v in preds["logits"]]).all()
-    assert metrics["accuracy"] == pytest.approx((preds["label"] == preds["pred"]).mean())
+    test = preds[preds["split"] == "test"]
+    assert metrics["accuracy"] == pytest.approx((test["label"] == test["pred"]).mean())
     assert (ev / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "## Evaluation on `val`" in (ev / "report.md").read_text("utf-8")
+    assert "## Evaluation on `test`" in (ev / "report.md").read_text("utf-8")
 
 
 def test_calibration_outputs(materialized: Materialized) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from mtmc_pipeline.config import ConfigError, TrainConfig
@@ -675,3 +676,54 @@ def test_mixed_precision_paths_train(tmp_path: Path, dtype: torch.dtype) -> None
     assert len(history) == 2 and np.isfinite(history["train_loss"]).all()
     assert np.isfinite(history["val_loss"]).all()
     assert all(torch.isfinite(t).all() for t in result.model.state_dict().values())
+
+
+def test_cpu_bf16_backward_gives_the_fp32_weight_gradient() -> None:
+    """The conv of test_resnet's layer 4 at 16 px (stride 2 onto a 1x1 map): oneDNN's bf16
+    weight gradient is wrong there, at times NaN (what made bf16 training runs flaky); the
+    runtime's backward kernels give the fp32 gradient up to bf16 rounding, every time."""
+    conv = create_model("test_resnet", 2, log=lambda _: None).layer4[0].conv1
+    x = torch.randn(4, conv.in_channels, 2, 2, generator=torch.Generator().manual_seed(0))
+    w = conv.weight.detach().bfloat16().float().requires_grad_(True)
+    F.conv2d(x.bfloat16().float(), w, None, conv.stride, conv.padding).sum().backward()
+    expected = w.grad
+    runtime = Runtime(torch.device("cpu"), torch.bfloat16)
+    for _ in range(5):
+        w = conv.weight.detach().clone().requires_grad_(True)
+        with runtime.autocast():
+            y = F.conv2d(x, w, None, conv.stride, conv.padding)
+        with runtime.backward_kernels():
+            y.float().sum().backward()
+        assert torch.isfinite(w.grad).all()
+        assert (w.grad - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+@pytest.mark.parametrize("gamma", [0.3, 0.5, 2.0])
+def test_focal_gradients_stay_finite_at_certain_samples(gamma: float) -> None:
+    # a margin of 200: p = 1 exactly in fp32, where d/dp (1 - p)^gamma is infinite for gamma < 1
+    logits = torch.tensor([[200.0, 0.0, 0.0], [0.0, 1.0, -1.0]], requires_grad=True)
+    focal = build_loss(TrainConfig(loss="focal", focal_gamma=gamma), 3)
+    loss = focal(logits, torch.tensor([0, 1]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    assert logits.grad[0].abs().max() < 1e-3  # the certain sample contributes ~nothing
+    half = logits.detach().half().requires_grad_(True)  # fp16 logits, as under fp16 autocast
+    build_loss(TrainConfig(loss="focal", focal_gamma=gamma), 3)(
+        half, torch.tensor([0, 1])
+    ).backward()
+    assert torch.isfinite(half.grad).all()
+
+
+@pytest.mark.parametrize("mode", ["F", "I"])
+def test_float_and_int32_images_with_negative_values_keep_their_order(
+    tmp_path: Path, mode: str
+) -> None:
+    from PIL import Image
+
+    from mtmc_pipeline.training.loader import load_rgb
+
+    values = np.array([[-1.0, -0.5, 0.0, 0.5, 1.0]]) * (1 if mode == "F" else 1000)
+    path = tmp_path / "signed.tif"
+    Image.fromarray(values.astype(np.float32 if mode == "F" else np.int32), mode).save(path)
+    gray = np.asarray(load_rgb(path))[0, :, 0].astype(int)
+    assert gray.tolist() == [0, 64, 128, 191, 255]

@@ -2,13 +2,14 @@
 
 - Split folders that exist (``train/``, ``val/``, ``test/``) are honoured: a file in ``val/``
   or ``test/`` stays there. A split without a folder is carved out of the train files (or,
-  in the flat layout, out of every file) by a seeded hash of each file's *content*:
-  identical bytes always land in the same split, and the decision for one file never
-  depends on the other files.
+  in the flat layout, out of every file), stratified: each class's share of val and test is
+  its target rounded to the nearest image (:func:`class_quota`). Files are taken in the order
+  of a seeded hash of their *content*, and identical bytes always share a split.
 - Assignments already in the previous manifest are kept (when the split settings are the
-  same), so adding images never moves an existing image to another split.
-- Every class with at least two distinct images gets at least one validation image when
-  validation is carved (the lowest-hash file of a class that has none is moved to val).
+  same), so adding images never moves an existing image to another split: only the new
+  files of a class fill what its quota still lacks.
+- A class with two or more distinct images keeps at least one train image and gets at least
+  one val image (when val is carved); a class of one image trains on it.
 - The k-fold column over the train files is stratified per class and stable under additions
   (:mod:`mtmc_pipeline.data.folds`; previous folds are kept when the settings are the same).
 """
@@ -49,9 +50,42 @@ def _previous_assignments(previous: pd.DataFrame | None) -> dict[str, str]:
     return dict(zip(previous["content_hash"], previous["split"], strict=True))
 
 
-def _by_hash(u: np.ndarray, val: float, test: float) -> np.ndarray:
-    """train, val or test for each unit hash: [0, test) test, [test, test + val) val."""
-    return np.where(u < test, "test", np.where(u < test + val, "val", "train"))
+def class_quota(n: int, val: float, test: float) -> tuple[int, int]:
+    """(val, test) image counts of a class of ``n`` distinct images: each share rounded to the
+    nearest image, at least one val image from 2 images on (when val is carved), and never
+    the class's last train image (test gives way first)."""
+    n_val = int(np.floor(n * val + 0.5))
+    n_test = int(np.floor(n * test + 0.5))
+    if val and n >= 2:
+        n_val = max(n_val, 1)
+    spare = max(n - 1, 0)
+    n_test = min(n_test, spare)
+    return min(n_val, spare - n_test), n_test
+
+
+def _carve(
+    df: pd.DataFrame, carvable: np.ndarray, pinned: dict[str, str], config: SplitConfig, carved
+) -> dict[str, str]:
+    """content_hash -> split for the carvable files: kept where ``pinned``; new files of each
+    class fill that class's quota in the order of their seeded content hash."""
+    val = config.val_fraction if "val" in carved else 0.0
+    test = config.test_fraction if "test" in carved else 0.0
+    assigned = dict(pinned)
+    pool = df[carvable]
+    for _, group in pool.groupby("class_name", sort=True):
+        units = list(dict.fromkeys(group["content_hash"]))
+        n_val, n_test = class_quota(len(units), val, test)
+        kept = [assigned[h] for h in units if h in assigned]
+        new = sorted(
+            (h for h in units if h not in assigned), key=lambda h: unit_hash(config.seed, h)
+        )
+        need_test = max(n_test - kept.count("test"), 0)
+        need_val = max(n_val - kept.count("val"), 0)
+        for i, h in enumerate(new):
+            assigned[h] = (
+                "test" if i < need_test else "val" if i < need_test + need_val else "train"
+            )
+    return assigned
 
 
 def make_splits(
@@ -71,22 +105,12 @@ def make_splits(
     df = usable[["relpath", "split_dir", "class_name", "content_hash"]].reset_index(drop=True)
     folders = set(df["split_dir"]) - {"none"}
     carved = {"val", "test"} - folders
-    u = np.array([unit_hash(config.seed, h) for h in df["content_hash"]])
-    split = _by_hash(
-        u,
-        config.val_fraction if "val" in carved else 0.0,
-        config.test_fraction if "test" in carved else 0.0,
-    )
     split_dir = df["split_dir"].to_numpy()
     in_folder = np.isin(split_dir, ["val", "test"])
-    split = np.where(in_folder, split_dir, split).astype(object)
     pinned = {h: s for h, s in _previous_assignments(previous).items() if s in carved | {"train"}}
-    pin = np.array([pinned.get(h) for h in df["content_hash"]], dtype=object)
-    use_pin = ~in_folder & pd.notna(pin)
-    split[use_pin] = pin[use_pin]
-    df["split"] = split
-    if "val" in carved:
-        _ensure_one_val_per_class(df, u, use_pin)
+    assigned = _carve(df, ~in_folder, pinned, config, carved)
+    carved_split = np.array([assigned.get(h, "train") for h in df["content_hash"]], dtype=object)
+    df["split"] = np.where(in_folder, split_dir, carved_split).astype(object)
     classes = sorted(df.loc[df["split"] == "train", "class_name"].unique())
     if len(classes) < 2:
         found = ", ".join(classes) or "none"
@@ -108,18 +132,6 @@ def make_splits(
         )
     df = df.sort_values(["split", "label", "relpath"]).reset_index(drop=True)
     return df[SPLIT_COLUMNS], classes
-
-
-def _ensure_one_val_per_class(df: pd.DataFrame, u: np.ndarray, pinned: np.ndarray) -> None:
-    """Move the lowest-hash unpinned train file of a class without val images to val."""
-    has_val = set(df.loc[df["split"] == "val", "class_name"])
-    distinct = df.groupby("class_name")["content_hash"].nunique()
-    candidates = df.assign(_u=u)[(df["split"] == "train").to_numpy() & ~pinned]
-    for cls, group in candidates.groupby("class_name", sort=False):
-        if cls in has_val or distinct[cls] < 2:
-            continue
-        chosen = group.loc[group["_u"].idxmin(), "content_hash"]
-        df.loc[df["content_hash"] == chosen, "split"] = "val"
 
 
 def splits_schema(classes: list[str]) -> pa.Schema:

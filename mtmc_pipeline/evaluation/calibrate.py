@@ -76,20 +76,41 @@ def precision_lower_bound(hits: np.ndarray, n: np.ndarray, confidence: float = 0
     return out
 
 
+def precision_upper_bound(hits: np.ndarray, n: np.ndarray, confidence: float = 0.95) -> np.ndarray:
+    """One-sided Clopper-Pearson upper bound of a precision of ``hits`` out of ``n`` (1 when
+    ``hits == n``; NaN when ``n == 0``)."""
+    hits, n = np.asarray(hits, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    out = np.ones_like(hits)
+    out[n == 0] = np.nan
+    ok = (hits < n) & (n > 0)
+    out[ok] = beta.ppf(confidence, hits[ok] + 1, n[ok] - hits[ok])
+    return out
+
+
 def precision_thresholds(
-    scores: np.ndarray, positive: np.ndarray, levels: list[float], min_support: int = 1
+    scores: np.ndarray,
+    positive: np.ndarray,
+    levels: list[float],
+    min_support: int = 1,
+    fit_confidence: float = 0.0,
 ) -> pd.DataFrame:
     """For one class: the threshold of each precision level, and what it keeps on this data.
 
     ``scores`` are that class's scores over the calibration set, ``positive`` marks the
     samples whose true class it is. Candidate thresholds are the distinct scores (tied samples
-    are kept or dropped together) that keep at least ``min_support`` samples: with the default
-    of 1, one negative scored above every positive makes the class unreachable at any level.
+    are kept or dropped together) that keep at least ``min_support`` samples, so no level rests
+    on a couple of images (with 1, one negative scored above every positive would make the
+    class unreachable at any level). With ``fit_confidence`` c > 0, what must reach a level is
+    the one-sided Clopper-Pearson lower bound of confidence c of the precision at t, not tp / n
+    itself: a precision found on few images, or picked as the lowest threshold that reaches
+    a level, would otherwise promise more than new images give.
     Columns: level, threshold (NaN when unreachable), reachable, support (samples scored
     >= t), recall, precision and its 95% lower bound at t.
     """
     thresholds, tp, n = ranked_counts(scores, positive)
     precision = tp / n
+    if fit_confidence > 0:
+        precision = precision_lower_bound(tp, n, fit_confidence)
     # precision guaranteed at t and at every higher threshold: running minimum from the top,
     # hence non-increasing as t falls, and each level's lowest threshold is a search away
     # (thresholds keeping fewer than min_support samples neither count nor constrain)
@@ -135,6 +156,7 @@ def threshold_table(
     class_names: list[str],
     levels: list[float],
     min_support: int = 1,
+    fit_confidence: float = 0.0,
 ) -> pd.DataFrame:
     """The calibration table for raw logits and for softmax probabilities."""
     check_finite(logits, "calibration split")
@@ -142,7 +164,7 @@ def threshold_table(
     for kind in SCORE_KINDS:
         scores = class_scores(logits, kind)
         for c, name in enumerate(class_names):
-            t = precision_thresholds(scores[:, c], labels == c, levels, min_support)
+            t = precision_thresholds(scores[:, c], labels == c, levels, min_support, fit_confidence)
             t.insert(0, "score_kind", kind)
             t.insert(0, "class_name", name)
             parts.append(t)
@@ -158,8 +180,11 @@ def realised_precision(
 ) -> pd.DataFrame:
     """Precision each reachable threshold actually reaches on other held-out data (test).
 
-    ``n`` counts the images scored >= t (precision is NaN when there are none); ``flagged``
-    marks rows whose precision falls more than ``tolerance`` below their level.
+    ``n`` counts the images scored >= t (precision is NaN when there are none). ``allowed`` is
+    how far the precision may fall short of its level: ``tolerance``, or the one-sided 95%
+    Clopper-Pearson slack of ``n`` images (upper bound minus precision) when that is larger,
+    since on a few images a short fall within it is sampling noise. ``flagged`` marks rows
+    that fall short by more.
     """
     check_finite(logits, "test split")
     column = {name: c for c, name in enumerate(class_names)}
@@ -177,9 +202,12 @@ def realised_precision(
             n[rows], hits[rows] = kept.sum(0), kept[labels == c].sum(0)
         part["n"] = n
         part["precision"] = np.divide(hits, n, out=np.full(len(n), np.nan), where=n > 0)
+        slack = precision_upper_bound(hits, n) - part["precision"].to_numpy()
+        part["allowed"] = np.maximum(tolerance, np.nan_to_num(slack))
         parts.append(part)
     out = pd.concat(parts, ignore_index=True)
-    out["flagged"] = (out["n"] > 0) & (out["precision"] < out["level"] - tolerance - _EPS)
+    short = out["level"] - out["precision"]
+    out["flagged"] = (out["n"] > 0) & (short > out["allowed"] + _EPS)
     return out
 
 
@@ -222,16 +250,20 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> p
 
 
 def calibration_errors(
-    probs: np.ndarray,
+    logits: np.ndarray,
     labels: np.ndarray,
+    temperature: float = 1.0,
     bins: int = 15,
     reliability: pd.DataFrame | None = None,
 ) -> dict[str, float]:
-    """ECE and MCE of top-1 confidence (equal-width bins), NLL and Brier score.
+    """ECE and MCE of top-1 confidence (equal-width bins), NLL and Brier of softmax(logits / T).
 
-    ``reliability``: the :func:`reliability_bins` of ``probs``, when the caller already has
-    them (for the reliability diagram); ``bins`` is then not used.
+    The NLL comes from the log-softmax of the logits, as in the temperature fit: a clip of the
+    probabilities would cap each very wrong image's term and understate it.
+    ``reliability``: the :func:`reliability_bins` of these probabilities, when the caller
+    already has them (for the reliability diagram); ``bins`` is then not used.
     """
+    probs = softmax(logits, temperature)
     table = reliability_bins(probs, labels, bins) if reliability is None else reliability
     used = table[table["count"] > 0]
     gap = (used["accuracy"] - used["confidence"]).abs()
@@ -239,23 +271,34 @@ def calibration_errors(
     return {
         "ece": float((gap * used["count"]).sum() / n),
         "mce": float(gap.max()) if len(gap) else 0.0,
-        "nll": float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1)).mean()),
+        "nll": cross_entropy(logits, labels, temperature) if len(labels) else 0.0,
         "brier": float(((probs - one_hot(labels, probs.shape[1])) ** 2).sum(1).mean()),
     }
 
 
-def level_curve(thresholds: list[float | None], levels: list[float]) -> tuple[np.ndarray, ...]:
-    """(strictly increasing thresholds, their levels) for one class, ready for ``np.interp``.
+def step_curve(
+    thresholds: Sequence[float | None], values: Sequence[float | None]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(strictly increasing thresholds, the highest value of any row at or below each) of one
+    class, for :func:`step_value`. Rows without a threshold (unreachable levels) are dropped.
 
-    Unreachable levels are dropped. Where several levels share one threshold (one image can
-    lift precision past several levels at once) only the highest is kept: that score
-    guarantees all of them, and ``np.interp`` needs strictly increasing x.
+    A score reaches the value of every row whose threshold it reaches, so "value(score) >= v"
+    holds exactly when the score reaches the threshold of some row of value >= v: no ramp
+    between thresholds, which would promise a level before its threshold is reached.
     """
     t = np.array([np.nan if v is None else v for v in thresholds], dtype=np.float64)
-    ok = ~np.isnan(t)
-    th, lv = t[ok], np.asarray(levels, dtype=np.float64)[ok]
+    v = np.array([np.nan if x is None else x for x in values], dtype=np.float64)
+    ok = ~np.isnan(t) & ~np.isnan(v)
+    order = np.argsort(t[ok], kind="stable")
+    th, best = t[ok][order], np.maximum.accumulate(v[ok][order])
     last = last_of_runs(th)
-    return th[last], lv[last]
+    return th[last], best[last]
+
+
+def step_value(scores: np.ndarray, th: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The :func:`step_curve` value each score reaches (0 below the lowest threshold)."""
+    i = np.searchsorted(th, scores, side="right") - 1
+    return np.where(i >= 0, values[np.maximum(i, 0)], 0.0) if len(th) else np.zeros(len(scores))
 
 
 @dataclass
@@ -263,8 +306,9 @@ class Calibrator:
     """Maps a logit vector to calibrated confidences; stored as plain JSON (``calibrator.json``).
 
     ``thresholds[kind][c][i]`` is the threshold of ``levels[i]`` for class ``c`` on scores of
-    ``kind`` (``logit`` or ``softmax``), None when unreachable. ``model_fingerprint`` ties it to
-    the model it was fitted for.
+    ``kind`` (``logit`` or ``softmax``), None when unreachable; ``precision_lower`` has the
+    same shape: the 95% lower bound of the precision each threshold keeps on the images it was
+    fitted on. ``model_fingerprint`` ties it to the model it was fitted for.
     """
 
     class_names: list[str]
@@ -272,6 +316,7 @@ class Calibrator:
     levels: list[float]
     thresholds: dict[str, list[list[float | None]]]
     model_fingerprint: str | None = None
+    precision_lower: dict[str, list[list[float | None]]] | None = None
 
     def __post_init__(self) -> None:
         k, n_levels = len(self.class_names), len(self.levels)
@@ -288,6 +333,13 @@ class Calibrator:
                 t = [v for v in row if v is not None]
                 if any(b < a for a, b in pairwise(t)):
                     raise ValueError(f"{kind} thresholds of {name!r} decrease as the level rises")
+        if self.precision_lower is not None:
+
+            def shape(grid: dict[str, list[list[float | None]]]) -> dict[str, list[int]]:
+                return {kind: [len(row) for row in rows] for kind, rows in grid.items()}
+
+            if shape(self.precision_lower) != shape(self.thresholds):
+                raise ValueError("precision_lower must have the shape of thresholds")
 
     @classmethod
     def from_table(
@@ -298,14 +350,26 @@ class Calibrator:
         model_fingerprint: str | None = None,
     ) -> Calibrator:
         levels = sorted(float(v) for v in table["level"].unique())
-        thresholds: dict[str, list[list[float | None]]] = {}
-        for kind, part in table.groupby("score_kind"):
-            per_class = []
-            for name in class_names:
-                rows = part[part["class_name"] == name].set_index("level")["threshold"]
-                per_class.append([None if np.isnan(rows[lv]) else float(rows[lv]) for lv in levels])
-            thresholds[str(kind)] = per_class
-        return cls(list(class_names), float(temperature), levels, thresholds, model_fingerprint)
+
+        def grid(column: str) -> dict[str, list[list[float | None]]]:
+            out = {}
+            for kind, part in table.groupby("score_kind"):
+                per_class = []
+                for name in class_names:
+                    rows = part[part["class_name"] == name].set_index("level")
+                    t, v = rows["threshold"], rows[column]
+                    per_class.append([None if np.isnan(t[lv]) else float(v[lv]) for lv in levels])
+                out[str(kind)] = per_class
+            return out
+
+        return cls(
+            list(class_names),
+            float(temperature),
+            levels,
+            grid("threshold"),
+            model_fingerprint,
+            grid("precision_lower"),
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -314,6 +378,7 @@ class Calibrator:
             "levels": self.levels,
             "thresholds": self.thresholds,
             "model_fingerprint": self.model_fingerprint,
+            "precision_lower": self.precision_lower,
         }
 
     @classmethod
@@ -326,34 +391,46 @@ class Calibrator:
                 [float(v) for v in data["levels"]],
                 data["thresholds"],
                 data.get("model_fingerprint"),
+                data.get("precision_lower"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{source}: not a valid calibrator ({type(e).__name__}: {e})") from e
 
     @cached_property
-    def level_curves(self) -> dict[str, list[tuple[np.ndarray, ...]]]:
-        """:func:`level_curve` of every class, per score kind: built on first use, not per
-        predicted batch (a Calibrator is never changed once built)."""
-        return {
-            kind: [level_curve(row, self.levels) for row in per_class]
-            for kind, per_class in self.thresholds.items()
-        }
+    def _curves(self) -> dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]]:
+        """:func:`step_curve` of every class, per (score kind, level or lower bound): built on
+        first use, not per predicted batch (a Calibrator is never changed once built)."""
+        curves = {}
+        for kind, per_class in self.thresholds.items():
+            curves[kind, "level"] = [step_curve(row, self.levels) for row in per_class]
+            if self.precision_lower is not None:
+                lower = self.precision_lower[kind]
+                curves[kind, "lower"] = [
+                    step_curve(row, bounds) for row, bounds in zip(per_class, lower, strict=True)
+                ]
+        return curves
 
-    def precision_confidence(self, logits: np.ndarray, score_kind: str = "logit") -> np.ndarray:
-        """Per sample and class, the precision level the score reaches.
-
-        0 below the lowest reachable threshold, the highest reachable level at or above its
-        threshold, and linear in the score between two thresholds: exactly level p at the
-        threshold of p.
-        """
+    def _step(self, logits: np.ndarray, score_kind: str, value: str) -> np.ndarray:
         scores = class_scores(np.asarray(logits, dtype=np.float64), score_kind)
         out = np.zeros(scores.shape, dtype=np.float64)
-        for c, (th, lv) in enumerate(self.level_curves[score_kind]):
-            if len(th) == 0:
-                continue
-            s = scores[:, c]
-            out[:, c] = np.where(s < th[0], 0.0, np.interp(s, th, lv))
+        for c, (th, values) in enumerate(self._curves[score_kind, value]):
+            out[:, c] = step_value(scores[:, c], th, values)
         return out
+
+    def precision_confidence(self, logits: np.ndarray, score_kind: str = "logit") -> np.ndarray:
+        """Per sample and class, the highest precision level whose threshold the score reaches
+        (0 below the lowest reachable threshold): "confidence >= p" selects exactly the samples
+        that "score >= threshold of p" selects."""
+        return self._step(logits, score_kind, "level")
+
+    def lower_bound_confidence(self, logits: np.ndarray, score_kind: str = "logit") -> np.ndarray:
+        """Per sample and class, the highest ``precision_lower`` of a threshold the score
+        reaches: "this >= p" asks for a 95% lower bound of p rather than a point estimate."""
+        if self.precision_lower is None:
+            raise ValueError(
+                "this calibrator.json has no precision_lower: rerun the task's calibration"
+            )
+        return self._step(logits, score_kind, "lower")
 
     def temperature_probs(self, logits: np.ndarray) -> np.ndarray:
         return softmax(np.asarray(logits, dtype=np.float64), self.temperature)
@@ -390,9 +467,8 @@ def _errors(
     errors: dict[str, Any] = {"n": len(labels)}
     bins = []
     for when, t in (("before", 1.0), ("after", temperature)):
-        probs = softmax(logits, t)
-        bins.append(reliability_bins(probs, labels))
-        measured = calibration_errors(probs, labels, reliability=bins[-1])
+        bins.append(reliability_bins(softmax(logits, t), labels))
+        measured = calibration_errors(logits, labels, t, reliability=bins[-1])
         errors |= {f"{k}_{when}": v for k, v in measured.items()}
     return errors, bins
 
@@ -410,12 +486,15 @@ def calibrate(
     logits, labels = _split_logits(preds, FIT_SPLIT)
     if len(labels) == 0:
         raise ValueError("predictions.parquet has no val images: calibration is fitted on val")
-    table = threshold_table(logits, labels, class_names, config.levels, config.min_support)
+    table = threshold_table(
+        logits, labels, class_names, config.levels, config.min_support, config.fit_confidence
+    )
     temperature = fit_temperature(logits, labels)
     errors, (before, after) = _errors(logits, labels, temperature)
     summary: dict[str, Any] = {"temperature": temperature, "split": FIT_SPLIT, **errors}
-    realised = None
     test_logits, test_labels = _split_logits(preds, CHECK_SPLIT)
+    summary["checked_on"] = CHECK_SPLIT if len(test_labels) else None
+    realised = None
     if len(test_labels):
         realised = realised_precision(
             table, test_logits, test_labels, class_names, config.tolerance
@@ -469,7 +548,17 @@ def report_markdown(
 ) -> str:
     """Temperature and errors, the logit thresholds of a few levels, realised precision."""
     lines = [f"## Calibration on `{summary['split']}` ({summary['n']} images)", ""]
-    lines += [f"Temperature {summary['temperature']:.3f} (fitted by NLL on val).", ""]
+    seen = (
+        f"checked on `{CHECK_SPLIT}` ({summary[CHECK_SPLIT]['n']} images that neither training, "
+        "epoch selection nor calibration saw)"
+        if summary.get("checked_on")
+        else "not checked on held-out images: the task has no test split"
+    )
+    lines += [
+        f"Thresholds and temperature fitted on `{FIT_SPLIT}` (which also picked the model's "
+        f"best epoch); {seen}. Temperature {summary['temperature']:.3f} (fitted by NLL).",
+        "",
+    ]
     splits = [s for s in (FIT_SPLIT, CHECK_SPLIT) if s == FIT_SPLIT or s in summary]
     lines += ["| metric | " + " | ".join(f"{s} before | {s} after" for s in splits) + " |"]
     lines += ["|---|" + "---|---|" * len(splits)]
@@ -512,13 +601,15 @@ def report_markdown(
         lines += ["", "### Realised precision on `test`", ""]
         lines += [
             f"{len(checked)} (class, level) logit thresholds select test images; "
-            f"{len(flagged)} fall more than {tolerance} below their level."
+            f"{len(flagged)} fall short of their level by more than {tolerance} (or, on few "
+            "images, more than the 95% Clopper-Pearson slack)."
         ]
         if len(flagged):
-            lines += ["", "| class | level | threshold | test images | precision |"]
-            lines += ["|---|---|---|---|---|"]
+            lines += ["", "| class | level | threshold | test images | precision | allowed |"]
+            lines += ["|---|---|---|---|---|---|"]
             lines += [
-                f"| {r.class_name} | {r.level:g} | {r.threshold:.2f} | {r.n} | {r.precision:.3f} |"
+                f"| {r.class_name} | {r.level:g} | {r.threshold:.2f} | {r.n} | {r.precision:.3f} "
+                f"| {r.allowed:.3f} |"
                 for r in flagged.head(20).itertuples()
             ]
     lines += ["", f"![reliability diagram]({RELIABILITY_PNG})", ""]

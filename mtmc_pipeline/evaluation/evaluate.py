@@ -40,10 +40,15 @@ from mtmc_pipeline.training.loader import (
     Normalize,
     inference_loader,
 )
-from mtmc_pipeline.training.models import Preprocess, load_bundle
+from mtmc_pipeline.training.models import Preprocess, load_bundle, logits_fp32
 
 EVAL_SPLITS = ("val", "test")
 ONE_VS_REST_LOSSES = frozenset({"bce", "ghm"})
+MEASURED_ON = {
+    "test": "test: images that neither training, epoch selection nor calibration saw",
+    "val": "val: the images that picked the best epoch and that calibration is fitted on, so "
+    "optimistic (add a test/ folder or set split.test_fraction above 0)",
+}
 CONFUSION_PNG = "confusion.png"
 CONFUSION_NORMALIZED_PNG = "confusion_normalized.png"
 
@@ -56,8 +61,7 @@ def predict_logits(
     model.eval()
     out = []
     for x, _ in loader:
-        with runtime.autocast():
-            out.append(model(normalize(x)).float())
+        out.append(logits_fp32(model, normalize(x), runtime))
     return torch.cat(out).cpu().numpy() if out else np.zeros((0, 0), dtype=np.float32)
 
 
@@ -177,6 +181,7 @@ def evaluate_model(
     metrics: dict[str, Any] = {
         **by_split[primary],
         "split": primary,
+        "measured_on": MEASURED_ON[primary],
         "by_split": by_split,
         "model_fingerprint": info.get("fingerprint"),
     }
@@ -225,6 +230,7 @@ def report_markdown(
     split = metrics["split"]
     top_k = [k for k in metrics if k.startswith("top_")]
     lines = [f"## Evaluation on `{split}` ({metrics['n']} images)", ""]
+    lines += [f"Measured on {MEASURED_ON[split]}.", ""]
     lines += ["| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(metrics[k])} |" for k in (*HEADLINE, *top_k) if k in metrics]
     lines += [

@@ -22,7 +22,7 @@ from mtmc_pipeline.evaluation.calibrate import CALIBRATOR_FILE, Calibrator
 from mtmc_pipeline.evaluation.metrics import softmax
 from mtmc_pipeline.runtime import Runtime, resolve_runtime
 from mtmc_pipeline.training.loader import Normalize, fit_square, load_rgb
-from mtmc_pipeline.training.models import MODEL_FILE, Preprocess, load_bundle
+from mtmc_pipeline.training.models import MODEL_FILE, Preprocess, load_bundle, logits_fp32
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 COLUMNS = (
@@ -31,6 +31,7 @@ COLUMNS = (
     "softmax_prob",
     "temperature_prob",
     "calibrated_confidence",
+    "precision_lower",
     "labels_at_min_precision",
     "confidences_at_min_precision",
     "error",
@@ -98,8 +99,7 @@ class Predictor:
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw logits (N x C) of a uint8 NxHxWx3 batch."""
         x = torch.from_numpy(batch).permute(0, 3, 1, 2)
-        with self.runtime.autocast():
-            return self.model(self.normalize(x)).float().cpu().numpy()
+        return logits_fp32(self.model, self.normalize(x), self.runtime).cpu().numpy()
 
     def check_min_precision(self, min_precision: float) -> None:
         top = max(self.calibrator.levels)
@@ -110,14 +110,25 @@ class Predictor:
             )
 
     def predict(
-        self, paths: Iterable[Path], min_precision: float = 0.9, batch_size: int | None = None
+        self,
+        paths: Iterable[Path],
+        min_precision: float = 0.9,
+        batch_size: int | None = None,
+        use_lower_bound: bool = False,
     ) -> pd.DataFrame:
         """One row per path, in order (columns: ``COLUMNS``).
 
-        The next batch is decoded by the thread pool while the model runs on this one. Batches
-        default to the runtime's ``inference_batch_size``.
+        ``use_lower_bound``: a class is listed when the 95% lower bound of its threshold's
+        precision, not the point estimate, reaches ``min_precision``. The next batch is decoded
+        by the thread pool while the model runs on this one. Batches default to the runtime's
+        ``inference_batch_size``.
         """
         self.check_min_precision(min_precision)
+        if use_lower_bound and self.calibrator.precision_lower is None:
+            raise ValueError(
+                "--use-lower-bound: this calibrator.json has no precision_lower; "
+                "materialize the task's calibration again"
+            )
         rows: list[dict[str, object]] = []
         chunks = _batches(paths, batch_size or self.runtime.inference_batch_size)
         with ThreadPoolExecutor(self.decode_threads) as pool:
@@ -131,12 +142,16 @@ class Predictor:
                 decoded = [f.result() for f in pending]
                 following = next(chunks, None)
                 pending = submit(following)
-                rows += self._rows(chunk, decoded, min_precision)
+                rows += self._rows(chunk, decoded, min_precision, use_lower_bound)
                 chunk = following
         return pd.DataFrame(rows, columns=list(COLUMNS))
 
     def _rows(
-        self, chunk: tuple[Path, ...], decoded: list[np.ndarray | str], min_precision: float
+        self,
+        chunk: tuple[Path, ...],
+        decoded: list[np.ndarray | str],
+        min_precision: float,
+        use_lower_bound: bool,
     ) -> list[dict[str, object]]:
         rows: list[dict[str, object]] = [
             {"path": str(p), "error": d if isinstance(d, str) else None}
@@ -145,17 +160,26 @@ class Predictor:
         good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
         if good:
             logits = self.logits(np.stack([decoded[i] for i in good]))
-            for i, values in zip(good, self._describe(logits, min_precision), strict=True):
+            described = self._describe(logits, min_precision, use_lower_bound)
+            for i, values in zip(good, described, strict=True):
                 rows[i].update(values)
         return rows
 
-    def _describe(self, logits: np.ndarray, min_precision: float) -> list[dict[str, object]]:
+    def _describe(
+        self, logits: np.ndarray, min_precision: float, use_lower_bound: bool
+    ) -> list[dict[str, object]]:
         probs = softmax(logits)
         tprobs = self.calibrator.temperature_probs(logits)
         conf = self.calibrator.precision_confidence(logits, "logit")
+        lower = (
+            self.calibrator.lower_bound_confidence(logits, "logit")
+            if self.calibrator.precision_lower is not None
+            else np.full(conf.shape, np.nan)
+        )
+        select = lower if use_lower_bound else conf
         out = []
         for k, c in enumerate(logits.argmax(1)):
-            confident = np.nonzero(conf[k] >= min_precision)[0]
+            confident = np.nonzero(select[k] >= min_precision)[0]
             confident = confident[np.argsort(-conf[k, confident], kind="stable")]
             out.append(
                 {
@@ -163,6 +187,7 @@ class Predictor:
                     "softmax_prob": float(probs[k, c]),
                     "temperature_prob": float(tprobs[k, c]),
                     "calibrated_confidence": float(conf[k, c]),
+                    "precision_lower": float(lower[k, c]),
                     "labels_at_min_precision": [self.class_names[j] for j in confident],
                     "confidences_at_min_precision": [float(conf[k, j]) for j in confident],
                 }

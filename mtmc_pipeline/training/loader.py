@@ -31,15 +31,23 @@ def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
         im.seek(0)  # animated images: the first frame
         im = ImageOps.exif_transpose(im)
         if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-            arr = np.asarray(im, dtype=np.float64)
-            peak = arr.max() if arr.size and arr.max() > 0 else 1.0
-            im = Image.fromarray((arr / peak * 255).astype(np.uint8), "L")
+            im = Image.fromarray(_to_uint8(np.asarray(im, dtype=np.float64)), "L")
         has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
         if has_alpha:
             rgba = im.convert("RGBA")
             canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             im = Image.alpha_composite(canvas, rgba)
         return im.convert("RGB")
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """A 16-bit, int32 or float image as 8 bits: [min(0, lowest), highest] onto [0, 255], so
+    negative values (a float TIFF in [-1, 1]) keep their order; NaN becomes the lowest."""
+    finite = arr[np.isfinite(arr)]
+    low = min(float(finite.min()), 0.0) if finite.size else 0.0
+    high = float(finite.max()) if finite.size else 0.0
+    scaled = (np.nan_to_num(arr, nan=low, posinf=high, neginf=low) - low) / max(high - low, 1e-12)
+    return np.round(np.clip(scaled, 0, 1) * 255).astype(np.uint8)
 
 
 def fit_square(im: Image.Image, size: int, interpolation: str = "bilinear") -> np.ndarray:

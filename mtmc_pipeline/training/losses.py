@@ -58,6 +58,9 @@ class CrossEntropy(_WeightedLoss):
         return self._reduce(per_sample, y)
 
 
+_FOCAL_FLOOR = 1e-6
+
+
 class FocalLoss(_WeightedLoss):
     """-sum_c y_c alpha_c (1 - p_c)^gamma log p_c per sample; ``alpha`` (C,) or None (all 1)."""
 
@@ -74,7 +77,8 @@ class FocalLoss(_WeightedLoss):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         y = soft_targets(target, logits.shape[1])
         logp = F.log_softmax(logits.float(), dim=1)
-        terms = y * (1 - logp.exp()) ** self.gamma * logp
+        # floored: (1 - p)^gamma with gamma < 1 has an infinite slope at p = 1 (a NaN gradient)
+        terms = y * (-torch.expm1(logp)).clamp(min=_FOCAL_FLOOR) ** self.gamma * logp
         if self.alpha is not None:
             terms = terms * self.alpha
         return self._reduce(-terms.sum(1), y)

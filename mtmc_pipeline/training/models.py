@@ -20,6 +20,7 @@ from torch import nn
 from mtmc_pipeline.artifacts import read_json, write_json
 from mtmc_pipeline.config import ConfigError
 from mtmc_pipeline.errors import PretrainedUnavailableError
+from mtmc_pipeline.runtime import Runtime
 
 WEIGHTS_FILE = "weights.safetensors"
 MODEL_FILE = "model.json"
@@ -170,3 +171,12 @@ def load_bundle(directory: Path, device: str | torch.device = "cpu") -> tuple[nn
     )
     model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
     return model.to(device, memory_format=torch.channels_last).eval(), info
+
+
+def logits_fp32(model: nn.Module, x: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """Float32 logits of a batch: the backbone under the runtime's autocast, the classifier head
+    (pooling and the last layer) in fp32. Logits rounded to bf16 would move the calibration
+    thresholds fitted on them, and a CPU run of the same model (fp32) would not match."""
+    with runtime.autocast():
+        features = model.forward_features(x)
+    return model.forward_head(features.float()).float()

@@ -168,6 +168,7 @@ class _Stepper:
         self.model = model
         self.optimizer = optimizer
         self.clip = config.clip_grad_norm
+        self.runtime = runtime
         # fp16 needs loss scaling; bf16 and fp32 do not
         self.scaler = torch.amp.GradScaler(
             runtime.device.type, enabled=runtime.amp_dtype == torch.float16
@@ -176,7 +177,8 @@ class _Stepper:
     def __call__(self, loss: torch.Tensor) -> torch.Tensor:
         """One update; returns the gradient norm before clipping (a 0-dim tensor)."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        with self.runtime.backward_kernels():
+            self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         if self.clip is not None:
             norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)

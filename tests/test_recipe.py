@@ -136,6 +136,9 @@ def test_pretrained_auto_offline_trains_from_scratch_at_once(
     assert time.perf_counter() - start < 1.0  # no request is made, so nothing can hang
     recipe = resolve_recipe(TrainConfig(), PHOTOS, TWO_CORES, find_pretrained)
     assert recipe.config.pretrained is False and "from scratch" in recipe.reasons["pretrained"]
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as read at import
     with pytest.raises(PretrainedUnavailableError, match="pretrained = true"):
         create_model("test_resnet", 3, pretrained=True)  # explicit true still fails loudly
 

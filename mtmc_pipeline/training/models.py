@@ -141,9 +141,11 @@ _HF_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def _offline() -> bool:
-    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) as huggingface_hub reads it."""
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``), now or when huggingface_hub loaded."""
+    from huggingface_hub import constants
+
     value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return value.upper() in {"1", "ON", "YES", "TRUE"}
+    return constants.HF_HUB_OFFLINE or value.upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def find_pretrained(arch: str, log: Callable[[str], None] = print) -> str | None:

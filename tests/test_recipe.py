@@ -81,6 +81,8 @@ def test_colour_photos_on_a_cpu_start_from_weights_when_they_are_found() -> None
         None,
     )
     assert asked == ["resnet18"]
+    no_weights = resolve_recipe(TrainConfig(pretrained=False), PHOTOS, TWO_CORES, probe).config
+    assert no_weights.model == "resnet10t" and asked == ["resnet18"]  # not asked: not wanted
 
 
 def test_a_gpu_profile_gets_full_size_large_batches_and_a_data_sized_budget() -> None:
@@ -220,6 +222,8 @@ def test_a_task_without_task_yaml_trains_end_to_end_in_its_budget(tmp_path: Path
     assert set(info["recipe"]) == AUTO_SETTINGS - {"time_budget_minutes"}  # set in run config
     assert 1 <= info["epochs_run"] <= info["epochs_planned"] <= 60
     assert "time budget 0.05 min" in info["time_budget"]
+    assert info["recipe_inputs"]["data"]["median_side"] == 32
+    assert info["recipe_inputs"]["device"]["kind"] == "cpu"
     assert any(line.startswith("recipe: model = small_resnet_s1") for line in lines)
     assert "small_resnet_s1" in result.metadata["recipe"].text
     again = run_training(task_dir, art, cfg.train, resolve_runtime("cpu"), lines.append)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -93,6 +94,7 @@ def run_training(
             "interpolation": result.preprocess.interpolation,
             "config": config.model_dump(),
             "recipe": recipe.as_json(),
+            "recipe_inputs": {"data": asdict(recipe.data), "device": asdict(recipe.device)},
             "fingerprint": fp,
             "best_epoch": result.best_epoch,
             "epochs_run": len(result.history),

@@ -91,6 +91,8 @@ class Recipe:
 
     config: TrainConfig
     reasons: Mapping[str, str]
+    data: DataProfile
+    device: DeviceProfile
 
     def as_json(self) -> dict[str, dict[str, Any]]:
         """``{setting: {"value": ..., "reason": ...}}`` for model.json and the UI."""
@@ -106,7 +108,8 @@ def _img_size(data: DataProfile, device: DeviceProfile) -> tuple[int, str]:
     side = data.median_side
     if side <= SMALL_SIDE:
         size = max(16, side - side % 4)
-        return size, f"median image side {side} px: small images train at their own size"
+        colour = "grey" if data.grey else "colour"
+        return size, f"median image side {side} px ({colour}): small images keep their size"
     cap = 224 if device.kind == "cuda" else 128
     size = max(SMALL_SIDE, min(side, cap) // 32 * 32)
     where = "on a GPU" if device.kind == "cuda" else "on a CPU, to keep epochs short"
@@ -161,7 +164,9 @@ def _batch_size(img_size: int, data: DataProfile, device: DeviceProfile) -> tupl
         why = "CPU: small batches give more updates for the same compute"
     # at least ~8 updates per epoch, so small data sets still get a schedule
     size = max(8, min(size, 2 ** int(math.log2(max(data.train_images // 8, 2)))))
-    return size, f"{why}; {data.train_images} train images"
+    return size, (
+        f"{why}; {data.train_images} train images, {data.min_per_class} in the rarest class"
+    )
 
 
 def _budget(data: DataProfile, device: DeviceProfile) -> tuple[float | str, str]:
@@ -175,6 +180,10 @@ def _budget(data: DataProfile, device: DeviceProfile) -> tuple[float | str, str]
     return round(minutes, 2), f"{data.train_images} train images on a GPU: 1 minute per 1,000"
 
 
+def _no_weights(model: str) -> None:
+    return None
+
+
 def resolve_recipe(
     config: TrainConfig, data: DataProfile, device: DeviceProfile, weights: WeightsProbe
 ) -> Recipe:
@@ -185,6 +194,8 @@ def resolve_recipe(
     def pick(name: str, value: Any, reason: str) -> None:
         values[name], reasons[name] = value, reason
 
+    if config.pretrained is False:
+        weights = _no_weights  # not asked for: pick the model that trains well from scratch
     img_size = config.img_size
     if img_size == AUTO:
         img_size, why = _img_size(data, device)
@@ -220,4 +231,4 @@ def resolve_recipe(
             pick("time_budget_minutes", "none", "epochs was set: train for that many")
         else:
             pick("time_budget_minutes", *_budget(data, device))
-    return Recipe(config.model_copy(update=values), reasons)
+    return Recipe(config.model_copy(update=values), reasons, data, device)

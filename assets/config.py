@@ -18,9 +18,12 @@ from mtmc_pipeline.config import SECTIONS
 
 
 def _loose(annotation: Any) -> Any:
-    """Dagster config has no Literal: accept the string and let the core validate it."""
+    """Dagster config has no Literal and no plain unions: accept the string, or any value for
+    a number-or-"auto" setting, and let the core validate it."""
     if typing.get_origin(annotation) is Literal:
         return str
+    if Literal in map(typing.get_origin, typing.get_args(annotation)):
+        return Any
     if typing.get_origin(annotation) is dict:
         return dict[str, str]
     return annotation

@@ -7,8 +7,9 @@ that names the file, the key and the value.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -127,22 +128,45 @@ class SamplingConfig(_Section):
     )
 
 
+AUTO = "auto"
+Auto = Literal["auto"]
+
+
 class TrainConfig(_Section):
-    model: str = Field("mobilenetv3_large_100", description="Any timm model name.")
-    img_size: int = Field(224, ge=8, le=1024, description="Square training resolution.")
-    pretrained: bool = Field(True, description="Start from timm's pretrained weights (hub).")
+    """Training settings; those that may be ``auto`` are resolved by
+    :mod:`mtmc_pipeline.training.recipe` from the data and the machine when the model stage runs."""
+
+    model: str = Field("auto", description="Any timm model name, or auto.")
+    img_size: Annotated[int, Field(ge=8, le=1024)] | Auto = Field(
+        "auto", description="Square training resolution in pixels, or auto."
+    )
+    pretrained: bool | Auto = Field(
+        "auto",
+        description="Start from pretrained weights: true (fail if unreachable), false, or auto "
+        "(pretrained_path, the local timm/Hugging Face cache or the hub, else from scratch).",
+    )
     pretrained_path: str | None = Field(
         None, description="Local .safetensors/.pth weights to start from (no network)."
     )
     drop_rate: float = Field(0.0, ge=0, lt=1, description="Dropout before the classifier.")
-    epochs: int = Field(30, ge=1, description="Maximum passes over the training images.")
-    batch_size: int = Field(
-        64, ge=2, description="Images per optimisation step (batch norm needs at least 2)."
+    epochs: Annotated[int, Field(ge=1)] | Auto = Field(
+        "auto", description="Maximum passes over the training images, or auto."
+    )
+    time_budget_minutes: Annotated[float, Field(gt=0)] | Literal["auto", "none"] = Field(
+        "auto",
+        description="Training time limit: the epochs are fitted to it from the throughput of the "
+        "first steps and the schedule is compressed to match; none: train for epochs; auto: "
+        "none when epochs is set, else chosen from the data and the device.",
+    )
+    batch_size: Annotated[int, Field(ge=2)] | Auto = Field(
+        "auto", description="Images per optimisation step (batch norm needs at least 2), or auto."
     )
     optimizer: Literal["adamw", "sgd", "adam", "radam"] = Field(
         "adamw", description="adamw, sgd (with momentum; see nesterov), adam or radam."
     )
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate, reached after warmup.")
+    lr: Annotated[float, Field(gt=0)] | Auto = Field(
+        "auto", description="Peak learning rate, reached after warmup, or auto."
+    )
     weight_decay: float = Field(0.05, ge=0, description="Not applied to norm layers and biases.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     nesterov: bool = Field(
@@ -223,6 +247,8 @@ class TrainConfig(_Section):
     @field_validator("model")
     @classmethod
     def _is_timm_model(cls, name: str) -> str:
+        if name == AUTO:
+            return name
         from mtmc_pipeline.training.models import model_name_problem  # imports timm: only when set
 
         problem = model_name_problem(name)
@@ -260,7 +286,8 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _mixing_needs_pairs(self) -> TrainConfig:
-        if (self.mixup_alpha or self.cutmix_alpha) and self.batch_size % 2:
+        odd = self.batch_size != AUTO and self.batch_size % 2
+        if (self.mixup_alpha or self.cutmix_alpha) and odd:
             raise ValueError(
                 f"batch_size = {self.batch_size}: must be even with mixup_alpha or cutmix_alpha "
                 "(images are mixed in pairs)"
@@ -361,14 +388,21 @@ SECTIONS: dict[str, type[_Section]] = {
 }
 
 
+_UNION_BRANCH = re.compile(r"constrained-\w+|literal\[.*\]|int|float|bool|str")
+"""How pydantic names the member of a union (``epochs: int | "auto"``) in an error's location."""
+
+
 def _describe(err: ValidationError, source: str) -> str:
-    lines = []
+    """One line per bad setting; a number-or-auto setting's branches share their line."""
+    problems: dict[str, tuple[Any, list[str]]] = {}
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        value = e.get("input")
+        key = ".".join(str(p) for p in e["loc"] if not _UNION_BRANCH.fullmatch(str(p)))
         msg = e["msg"].removeprefix("Value error, ")  # our own validators say what is wrong
-        lines.append(f"{source}: {key} = {value!r}: {msg}")
-    return "\n".join(lines)
+        problems.setdefault(key or "(top level)", (e.get("input"), []))[1].append(msg)
+    return "\n".join(
+        f"{source}: {key} = {value!r}: {' or '.join(msgs)}"
+        for key, (value, msgs) in problems.items()
+    )
 
 
 def read_task_yaml(task_dir: Path) -> dict[str, Any]:

@@ -21,6 +21,13 @@ from mtmc_pipeline.training.models import PretrainedUnavailableError, create_mod
 from mtmc_pipeline.training.train import train_model
 
 
+def tiny_config(**settings: object) -> TrainConfig:
+    """Explicit settings for a tiny model on 16-px images (no recipe to resolve)."""
+    return TrainConfig(
+        model="test_resnet", img_size=16, pretrained=False, lr=1e-3, batch_size=4, **settings
+    )
+
+
 def test_batch_augment_keeps_shape_range_and_is_seeded() -> None:
     x = torch.rand(8, 3, 32, 32) * 255
     a = BatchAugment(AugmentSettings(), torch.Generator().manual_seed(0))(x)
@@ -140,7 +147,7 @@ def test_optimizer_decays_matrices_only_and_sgd_momentum_is_chosen() -> None:
     from mtmc_pipeline.training.train import build_optimizer
 
     model = create_model("test_resnet", 3)
-    opt = build_optimizer(model, TrainConfig(weight_decay=0.05))
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.05, lr=1e-3))
     by_decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in opt.param_groups}
     assert len(opt.param_groups) == 2 and set(by_decay) == {0.0, 0.05}
     params = dict(model.named_parameters())
@@ -149,7 +156,9 @@ def test_optimizer_decays_matrices_only_and_sgd_momentum_is_chosen() -> None:
     assert any(n.startswith("bn") or ".bn" in n for n in flat) and "fc.bias" in flat
     assert {n for n, p in params.items() if id(p) in by_decay[0.0]} == flat
     for nesterov in (True, False):
-        sgd = build_optimizer(model, TrainConfig(optimizer="sgd", nesterov=nesterov, momentum=0.8))
+        sgd = build_optimizer(
+            model, TrainConfig(optimizer="sgd", nesterov=nesterov, momentum=0.8, lr=1e-3)
+        )
         assert isinstance(sgd, torch.optim.SGD)
         assert all(g["nesterov"] is nesterov and g["momentum"] == 0.8 for g in sgd.param_groups)
 
@@ -241,7 +250,7 @@ def test_same_seed_same_weights_and_a_retrain_decodes_nothing(
     tmp_path: Path, runtime: Runtime
 ) -> None:
     manifest, classes = _tiny_task(tmp_path / "data")
-    cfg = TrainConfig(model="test_resnet", img_size=16, pretrained=False, epochs=2, batch_size=4)
+    cfg = tiny_config(epochs=2)
     logs: list[list[str]] = [[], []]
     runs = [
         train_model(
@@ -411,9 +420,7 @@ def test_ema_weights_are_what_validation_and_the_bundle_use(tmp_path: Path) -> N
     from mtmc_pipeline.training.checkpoint import Checkpoint
 
     manifest, classes = _tiny_task(tmp_path / "data")
-    cfg = TrainConfig(
-        model="test_resnet", img_size=16, pretrained=False, epochs=1, batch_size=4, ema=True
-    )
+    cfg = tiny_config(epochs=1, ema=True)
     ckpt = Checkpoint(tmp_path / "ckpt.safetensors", "fp")
     result = train_model(
         manifest, classes, None, tmp_path / "data", tmp_path / "cache", cfg,
@@ -428,12 +435,8 @@ def test_ema_weights_are_what_validation_and_the_bundle_use(tmp_path: Path) -> N
 
 def test_every_option_together_trains(tmp_path: Path) -> None:
     manifest, classes = _tiny_task(tmp_path / "data")
-    cfg = TrainConfig(
-        model="test_resnet",
-        img_size=16,
-        pretrained=False,
+    cfg = tiny_config(
         epochs=2,
-        batch_size=4,
         loss="focal",
         optimizer="sgd",
         scheduler="warm_restarts",
@@ -487,7 +490,9 @@ def test_bad_training_settings_fail_fast_naming_the_setting(
 
 def test_an_input_size_the_model_cannot_take_is_a_config_error(tmp_path: Path) -> None:
     manifest, classes = _tiny_task(tmp_path / "data")
-    cfg = TrainConfig(model="test_vit", img_size=20, pretrained=False)  # patches of 16 px
+    cfg = TrainConfig(
+        model="test_vit", img_size=20, pretrained=False, epochs=1, batch_size=4, lr=1e-3
+    )  # patches of 16 px
     with pytest.raises(ConfigError, match=r"train\.img_size = 20: test_vit cannot take 20x20"):
         train_model(
             manifest, classes, None, tmp_path / "data", tmp_path / "cache", cfg,
@@ -563,9 +568,7 @@ def test_a_frozen_backbone_keeps_every_weight_and_statistic(
         return model
 
     monkeypatch.setattr(train, "create_model", recording_create_model)
-    cfg = TrainConfig(
-        model="test_resnet", img_size=16, pretrained=False, epochs=1, batch_size=4, freeze_epochs=1
-    )
+    cfg = tiny_config(epochs=1, freeze_epochs=1)
     result = train_model(
         manifest, classes, None, tmp_path / "data", tmp_path / "cache", cfg,
         resolve_runtime("cpu"), lambda _: None,
@@ -601,9 +604,7 @@ def test_early_stopping_keeps_the_best_epochs_weights(
     monkeypatch.setattr(train, "summary_metrics", scripted_metrics)
     monkeypatch.setattr(train, "predict_logits", recording_predict)
     messages: list[str] = []
-    cfg = TrainConfig(
-        model="test_resnet", img_size=16, pretrained=False, epochs=6, batch_size=4, patience=2
-    )
+    cfg = tiny_config(epochs=6, patience=2)
     result = train_model(
         manifest, classes, None, tmp_path / "data", tmp_path / "cache", cfg,
         resolve_runtime("cpu"), messages.append,
@@ -661,9 +662,7 @@ def test_mixed_precision_paths_train(tmp_path: Path, dtype: torch.dtype) -> None
     from mtmc_pipeline.training.train import _Stepper
 
     manifest, classes = _tiny_task(tmp_path / "data")
-    cfg = TrainConfig(
-        model="test_resnet", img_size=16, pretrained=False, epochs=2, batch_size=4, clip_grad_norm=1
-    )
+    cfg = tiny_config(epochs=2, clip_grad_norm=1)
     amp = Runtime(torch.device("cpu"), dtype)
     model = create_model("test_resnet", len(classes))
     stepper = _Stepper(model, torch.optim.SGD(model.parameters(), lr=0.1), cfg, amp)

@@ -25,7 +25,7 @@ CODE_VERSIONS: dict[str, str] = {
     "integrity": "2",
     "splits": "1",
     "sampling_weights": "1",
-    "model": "1",
+    "model": "2",
     "evaluation": "1",
     "calibration": "1",
     "label_issues": "1",

@@ -4,12 +4,17 @@ Training checkpoints after every epoch under the task's work directory, keyed by
 input fingerprint: a materialisation that was killed continues from its last finished epoch
 the next time the same inputs and settings are materialised. The checkpoint is removed once
 the bundle is in place. Under torchrun every rank runs this stage and only rank 0 writes.
+
+Settings left at ``auto`` are resolved first (:mod:`mtmc_pipeline.training.recipe`), from the
+train images' sizes and modes in the integrity manifest, the device and the reachable
+pretrained weights; the resolved settings are what the fingerprint covers.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +27,7 @@ from mtmc_pipeline.data.splits import read_manifest
 from mtmc_pipeline.plots import history_png
 from mtmc_pipeline.runtime import Runtime, resolve_runtime
 from mtmc_pipeline.stages.common import (
+    Markdown,
     Png,
     StageResult,
     record_elapsed,
@@ -31,7 +37,8 @@ from mtmc_pipeline.stages.common import (
 from mtmc_pipeline.training import distributed
 from mtmc_pipeline.training.checkpoint import Checkpoint
 from mtmc_pipeline.training.distributed import SINGLE, Distributed
-from mtmc_pipeline.training.models import MODEL_FILE, save_bundle
+from mtmc_pipeline.training.models import MODEL_FILE, find_pretrained, save_bundle
+from mtmc_pipeline.training.recipe import DataProfile, DeviceProfile, Recipe, resolve_recipe
 from mtmc_pipeline.training.train import train_model
 
 CHECKPOINT_FILE = "model-checkpoint.safetensors"
@@ -48,6 +55,11 @@ def run_training(
     dist: Distributed = SINGLE,
 ) -> StageResult:
     start = time.perf_counter()
+    manifest, classes = read_manifest(art.splits)
+    recipe = task_recipe(art, manifest, config, runtime, log)
+    config = recipe.config
+    for line in recipe.lines():
+        log(f"recipe: {line}")
     fp = stage_fingerprint(
         "model",
         upstream_fingerprint(art.splits, "splits"),
@@ -58,7 +70,6 @@ def run_training(
     model_json = art.model_dir / MODEL_FILE
     reused = stored_fingerprint(model_json) == fp
     if not reused:
-        manifest, classes = read_manifest(art.splits)
         weights = af.read_parquet(art.sampling_weights)
         class_weight = None
         if config.class_weights:
@@ -87,9 +98,13 @@ def run_training(
             "std": list(result.preprocess.std),
             "interpolation": result.preprocess.interpolation,
             "config": config.model_dump(),
+            "recipe": recipe.as_json(),
+            "recipe_inputs": {"data": asdict(recipe.data), "device": asdict(recipe.device)},
             "fingerprint": fp,
             "best_epoch": result.best_epoch,
             "epochs_run": len(result.history),
+            "epochs_planned": result.epochs_planned,
+            "time_budget": result.plan,
             "metrics": result.best_metrics,
             "parameters": result.parameters,
             "device": runtime.describe(),
@@ -116,6 +131,7 @@ def run_training(
         "precision": info["precision"],
         "best_epoch": info["best_epoch"] + 1,
         "epochs_run": info["epochs_run"],
+        "recipe": recipe_table(info.get("recipe", {}), info.get("time_budget", "")),
         "val_accuracy": info["metrics"].get("accuracy"),
         "val_macro_f1": info["metrics"].get("macro_f1"),
         "train_images_per_s": info["images_per_second"],
@@ -156,3 +172,29 @@ def run_training_process(
 
 def _quiet(_: str) -> None:
     """The log of ranks other than 0 (rank 0 speaks for all)."""
+
+
+def task_recipe(
+    art: TaskArtifacts,
+    manifest: pd.DataFrame,
+    config: TrainConfig,
+    runtime: Runtime,
+    log: Callable[[str], None] = print,
+) -> Recipe:
+    """The resolved training settings of a task on this runtime."""
+    integrity = af.read_parquet(art.integrity, columns=["relpath", "width", "height", "mode"])
+    data = DataProfile.from_manifests(integrity, manifest)
+    return resolve_recipe(
+        config, data, DeviceProfile.from_runtime(runtime), lambda m: find_pretrained(m, log)
+    )
+
+
+def recipe_table(recipe: dict[str, dict[str, object]], plan: str) -> Markdown:
+    """The resolved settings as a Markdown table for the UI."""
+    rows = ["| setting | value | why |", "|---|---|---|"]
+    rows += [f"| {k} | `{v['value']}` | {v['reason']} |" for k, v in recipe.items()]
+    if plan:
+        rows.append(f"| epochs run | | {plan} |")
+    if not recipe:
+        rows.append("| (every setting was explicit) | | |")
+    return Markdown("\n".join(rows))

@@ -100,7 +100,16 @@ class Distributed:
         """``value`` summed over the ranks."""
         if not self.ddp:
             return value
-        return int(self.all_sum(torch.tensor(value)).item())
+        return int(self.all_sum(_scalar(value, self.local_rank)).item())
+
+    def from_main(self, value: int) -> int:
+        """Rank 0's ``value`` on every rank: a decision (such as the epochs a time budget
+        allows, from each rank's own timing) that all ranks must share."""
+        if not self.ddp:
+            return value
+        shared = _scalar(value, self.local_rank)
+        torch_dist.broadcast(shared, src=0)
+        return int(shared.item())
 
     def barrier(self) -> None:
         if self.ddp:
@@ -155,6 +164,13 @@ class GlobalBatchShard(Sampler[int]):
             if len(batch) == self.batch_size:
                 yield from batch[start : start + self.share]
                 batch = []
+
+
+def _scalar(value: int, local_rank: int) -> torch.Tensor:
+    """A one-element tensor where the process group's backend can reduce it (NCCL: this
+    process's GPU)."""
+    on_gpu = torch_dist.get_backend() == "nccl"
+    return torch.tensor(value, device=torch.device("cuda", local_rank) if on_gpu else "cpu")
 
 
 def from_env(device: torch.device) -> Distributed:

@@ -7,6 +7,7 @@ rebuild the network and preprocess images is in the JSON, so loading never unpic
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from mtmc_pipeline.artifacts import read_json, write_json
 from mtmc_pipeline.config import ConfigError
 from mtmc_pipeline.errors import PretrainedUnavailableError
 from mtmc_pipeline.runtime import Runtime
+from mtmc_pipeline.training import small_models  # noqa: F401  (registers them with timm)
 
 WEIGHTS_FILE = "weights.safetensors"
 MODEL_FILE = "model.json"
@@ -131,6 +133,56 @@ def create_model(
             f"missing {len(missing)} (kept as initialised): {', '.join(missing) or '-'}"
         )
     return model
+
+
+HUB_TIMEOUT_SECONDS = 3.0
+"""Connect/read timeout of the hub probe under ``pretrained: auto``: an offline machine with a
+resolver that never answers waits this long once, not minutes."""
+_HF_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _offline() -> bool:
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``), now or when huggingface_hub loaded."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return constants.HF_HUB_OFFLINE or value.upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def find_pretrained(arch: str, log: Callable[[str], None] = print) -> str | None:
+    """A local file with pretrained weights for ``arch``, or None; never raises.
+
+    Looks in the Hugging Face cache, then torch hub's checkpoint folder (timm's legacy URL
+    weights), then, unless ``HF_HUB_OFFLINE`` is set, downloads from the hub into its cache
+    with a short timeout.
+    """
+    import huggingface_hub
+
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if cfg is None or not timm.models.is_model_pretrained(arch):
+        return None
+    repo = cfg.hf_hub_id
+    names = ((cfg.hf_hub_filename,) if cfg.hf_hub_filename else ()) + _HF_FILES
+    if repo:
+        for name in names:
+            cached = huggingface_hub.try_to_load_from_cache(repo, name)
+            if isinstance(cached, str):
+                return cached
+    if cfg.url:
+        legacy = Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name
+        if legacy.is_file():
+            return str(legacy)
+    if _offline() or not repo:
+        return None
+    try:  # one request without retries says whether the hub answers at all
+        url = huggingface_hub.hf_hub_url(repo, names[0])
+        huggingface_hub.get_hf_file_metadata(url, timeout=HUB_TIMEOUT_SECONDS)
+        return huggingface_hub.hf_hub_download(
+            repo, names[0], etag_timeout=HUB_TIMEOUT_SECONDS, library_name="timm"
+        )
+    except Exception as e:  # offline, unreachable, refused, missing file: all mean "not here"
+        log(f"pretrained weights for {arch} not reachable ({type(e).__name__}): from scratch")
+        return None
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ continued run ends with exactly the weights an uninterrupted run would have.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,12 +25,13 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
-from mtmc_pipeline.config import ConfigError, TrainConfig
+from mtmc_pipeline.config import AUTO, ConfigError, TrainConfig
 from mtmc_pipeline.data.splits import TaskDataError
 from mtmc_pipeline.evaluation.evaluate import predict_logits
 from mtmc_pipeline.evaluation.metrics import confusion, cross_entropy, summary_metrics
 from mtmc_pipeline.runtime import Runtime
 from mtmc_pipeline.training.augment import AugmentSettings, BatchAugment, mixup, randaugment
+from mtmc_pipeline.training.budget import EpochPlanner
 from mtmc_pipeline.training.checkpoint import Checkpoint
 from mtmc_pipeline.training.distributed import SINGLE, Distributed
 from mtmc_pipeline.training.loader import (
@@ -43,6 +45,7 @@ from mtmc_pipeline.training.models import Preprocess, create_model
 from mtmc_pipeline.training.schedules import Schedule, build_schedule
 
 Log = Callable[[str], None]
+RESOLVED_BY_RECIPE = ("model", "img_size", "pretrained", "epochs", "batch_size", "lr")
 
 
 @dataclass
@@ -56,6 +59,8 @@ class TrainResult:
     images_per_second: float
     parameters: int
     resumed_at_epoch: int | None = None  # first epoch this process ran, when it resumed
+    epochs_planned: int = 0  # config.epochs, or what fitted the time budget
+    plan: str = ""  # how the time budget set epochs_planned ("" without a budget)
 
 
 def seed_everything(seed: int) -> None:
@@ -263,6 +268,12 @@ def train_model(
     ``dist`` (DDP, see :mod:`mtmc_pipeline.training.distributed`) every rank trains on its share
     of each global batch and only rank 0 writes the checkpoint.
     """
+    unresolved = [k for k in RESOLVED_BY_RECIPE if getattr(config, k) == AUTO]
+    if unresolved:
+        raise ConfigError(
+            f"train.{', train.'.join(unresolved)} = auto: resolve the recipe first "
+            "(mtmc_pipeline.training.recipe.resolve_recipe)"
+        )
     seed_everything(config.seed)
     num_classes = len(class_names)
     model = create_model(
@@ -320,6 +331,16 @@ def train_model(
     eval_model = ema.module if ema is not None else model
     parts = _Parts(model, optimizer, schedule, stepper, criterion, ema, generator, runtime.device)
     net = dist.wrap(model, runtime.device, find_unused=config.freeze_epochs > 0)
+    end_epoch, plan = config.epochs, ""
+    planner = None
+    if isinstance(config.time_budget_minutes, float):  # "auto" with epochs set means none
+        planner = EpochPlanner(
+            config.time_budget_minutes * 60,
+            config.epochs,
+            len(loader),
+            loader.batch_size,
+            len(val_ds),
+        )
 
     history: list[dict[str, Any]] = []
     best_value, best_epoch, best_state = -np.inf, -1, None
@@ -331,21 +352,25 @@ def train_model(
         start_epoch, updates, history = saved["epoch"], saved["updates"], saved["history"]
         best_value, best_epoch = saved["best_value"], saved["best_epoch"]
         best_metrics, best_state = saved["best_metrics"], saved["best_state"]
-        schedule.step_update(updates)
-        log(f"resuming from the checkpoint after epoch {start_epoch}/{config.epochs}")
+        schedule.step_update(updates)  # a compressed schedule comes back with its state
+        end_epoch, plan, planner = saved["epochs_planned"], saved["plan"], None
+        log(f"resuming from the checkpoint after epoch {start_epoch}/{end_epoch}")
     elif checkpoint is not None and why != "no checkpoint":
         log(f"starting afresh: {why}")
 
-    end_epoch = config.epochs
     if history and _stalled(history, best_epoch, config):
         end_epoch = start_epoch  # the killed run had already stopped early
-    for epoch in range(start_epoch, end_epoch):
+    for epoch in itertools.count(start_epoch):
+        if epoch >= end_epoch:  # the time budget may lower end_epoch during the first epoch
+            break
         frozen = epoch < config.freeze_epochs
         _train_mode(model, freeze_backbone=frozen)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=runtime.device)
         norm_sum = torch.zeros((), device=runtime.device)
         count, steps, lr = 0, 0, optimizer.param_groups[0]["lr"]
+        if planner is not None:
+            planner.begin()
         for x, y in loader:
             y = y.to(runtime.device, non_blocking=True)
             x = normalize.to_device(x)
@@ -362,6 +387,17 @@ def train_model(
             schedule.step_update(updates)
             if ema is not None:
                 ema.update(model, step=updates)
+            if planner is not None:
+                if runtime.device.type == "cuda":
+                    torch.cuda.synchronize(runtime.device)
+                planned = planner.step_done()  # on the same step on every rank
+                if planned is not None:
+                    planned = dist.from_main(planned)
+                    end_epoch, plan = planned, planner.describe(planned)
+                    schedule = parts.schedule = _compressed(optimizer, config, end_epoch, loader)
+                    schedule.step_update(updates)
+                    log(plan)
+                    planner = None
             loss_sum += loss.detach() * len(y)
             count += len(y)
             steps += 1
@@ -406,10 +442,12 @@ def train_model(
                     "best_epoch": best_epoch,
                     "best_metrics": best_metrics,
                     "best_state": best_state,
+                    "epochs_planned": end_epoch,
+                    "plan": plan,
                 }
             )
         log(
-            f"epoch {epoch + 1}/{config.epochs}{' (frozen backbone)' if frozen else ''}: "
+            f"epoch {epoch + 1}/{end_epoch}{' (frozen backbone)' if frozen else ''}: "
             f"train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
             f"val_acc {row['val_accuracy']:.4f} val_macro_f1 {row['val_macro_f1']:.4f} "
             f"lr {row['lr']:.2e} {row['images_per_second']:.0f} img/s{' *' if improved else ''}"
@@ -431,7 +469,19 @@ def train_model(
         images_per_second=_overall_rate(frame),
         parameters=parameters,
         resumed_at_epoch=start_epoch if saved is not None else None,
+        epochs_planned=end_epoch,
+        plan=plan,
     )
+
+
+def _compressed(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, epochs: int, loader: DataLoader
+) -> Schedule:
+    """The configured schedule laid out over ``epochs`` instead of ``config.epochs``.
+
+    Its warmup is the same, so swapping it in during the first epoch changes nothing done.
+    """
+    return build_schedule(optimizer, config.model_copy(update={"epochs": epochs}), len(loader))
 
 
 def _stalled(history: list[dict[str, Any]], best_epoch: int, config: TrainConfig) -> bool:

@@ -1,0 +1,234 @@
+"""The automatic training recipe: every ``auto`` setting resolved from the data and the machine.
+
+:func:`resolve_recipe` is a pure function of the task's settings, a :class:`DataProfile`, a
+:class:`DeviceProfile` and a probe that says where pretrained weights for a model can be
+found, so the same inputs always give the same recipe. Explicit settings are never changed.
+Each resolved value comes with the reason it was picked; the model stage records them in
+``model.json``, the run log and the UI, and fingerprints the resolved settings: another device
+class, other image sizes or weights that became reachable re-resolve the recipe and retrain.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+
+from mtmc_pipeline.config import AUTO, TrainConfig
+from mtmc_pipeline.runtime import Runtime
+
+SMALL_SIDE = 64
+"""Images up to about this many pixels train at their own size on a resolution-keeping stem."""
+CPU_BUDGET_MINUTES_PER_IMAGE = 7.5 / 12_000
+"""Under auto on a CPU: 7.5 minutes of training for 12,000 images (about 8 with decoding and
+validation), proportionally less for fewer: two such tasks fit in 18 minutes of pipeline."""
+MIN_BUDGET_MINUTES = 0.5
+MAX_EPOCHS = 60
+"""Upper bound on epochs under auto; the time budget usually stops well before it."""
+GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+WeightsProbe = Callable[[str], str | None]
+"""Model name -> a local weights file to start from, or None when none can be reached."""
+
+
+@dataclass(frozen=True)
+class DataProfile:
+    """What the recipe needs to know about the training images."""
+
+    median_side: int  # median over train images of the shorter side, in pixels
+    grey: bool  # most train images are single-channel
+    num_classes: int
+    train_images: int
+    min_per_class: int  # train images of the rarest class
+
+    @classmethod
+    def from_manifests(cls, integrity: pd.DataFrame, splits: pd.DataFrame) -> DataProfile:
+        """From integrity's width, height and mode, for the train rows of the split manifest."""
+        train = splits[splits["split"] == "train"]
+        rows = integrity.merge(train[["relpath"]], on="relpath", how="inner")
+        sides = rows[["width", "height"]].min(axis=1).dropna()
+        per_class = train["label"].value_counts()
+        return cls(
+            median_side=int(sides.median()) if len(sides) else 224,
+            grey=bool(len(rows)) and rows["mode"].isin(GREY_MODES).mean() >= 0.5,
+            num_classes=int(splits["label"].nunique()),
+            train_images=len(train),
+            min_per_class=int(per_class.min()) if len(per_class) else 0,
+        )
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """The device class the recipe is resolved for."""
+
+    kind: str  # cpu, cuda or mps
+    cpu_cores: int
+    gpu_name: str | None = None
+    gpu_memory_gb: float | None = None
+
+    @classmethod
+    def from_runtime(cls, runtime: Runtime) -> DeviceProfile:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if runtime.device.type != "cuda":
+            return cls(runtime.device.type, cores or 1)
+        props = torch.cuda.get_device_properties(runtime.device)
+        return cls("cuda", cores or 1, props.name, round(props.total_memory / 1024**3, 1))
+
+    def describe(self) -> str:
+        if self.kind == "cuda":
+            return f"{self.gpu_name} ({self.gpu_memory_gb:g} GiB)"
+        return f"{self.kind} with {self.cpu_cores} core(s)"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The resolved settings and, for each setting that was ``auto``, why it has its value."""
+
+    config: TrainConfig
+    reasons: Mapping[str, str]
+    data: DataProfile
+    device: DeviceProfile
+
+    def as_json(self) -> dict[str, dict[str, Any]]:
+        """``{setting: {"value": ..., "reason": ...}}`` for model.json and the UI."""
+        return {
+            k: {"value": getattr(self.config, k), "reason": why} for k, why in self.reasons.items()
+        }
+
+    def lines(self) -> list[str]:
+        return [f"{k} = {getattr(self.config, k)}: {why}" for k, why in self.reasons.items()]
+
+
+def _img_size(data: DataProfile, device: DeviceProfile) -> tuple[int, str]:
+    side = data.median_side
+    if side <= SMALL_SIDE:
+        size = max(16, side - side % 4)
+        colour = "grey" if data.grey else "colour"
+        return size, f"median image side {side} px ({colour}): small images keep their size"
+    cap = 224 if device.kind == "cuda" else 128
+    size = max(SMALL_SIDE, min(side, cap) // 32 * 32)
+    where = "on a GPU" if device.kind == "cuda" else "on a CPU, to keep epochs short"
+    return size, f"median image side {side} px, at most {cap} px {where}"
+
+
+def _model(
+    img_size: int, device: DeviceProfile, weights: WeightsProbe
+) -> tuple[str, str | None, str]:
+    """(model, weights file or None, reason)."""
+    if img_size <= 40:
+        return (
+            "small_resnet_s1",
+            None,
+            (
+                f"{img_size} px: a ResNet whose stride-1 stem and missing max-pool keep the "
+                "resolution (an ImageNet stem would shrink the image to 1x1)"
+            ),
+        )
+    if img_size <= 80:
+        return (
+            "small_resnet_s2",
+            None,
+            (
+                f"{img_size} px: a ResNet with a stride-2 stem and no max-pool, so its first stage "
+                "sees a 32-px map"
+            ),
+        )
+    on_gpu = device.kind == "cuda"
+    preferred, fallback = ("resnet50", "resnet26d") if on_gpu else ("resnet18", "resnet10t")
+    found = weights(preferred)
+    if found:
+        return preferred, found, f"{img_size} px on {device.describe()}: pretrained weights found"
+    return (
+        fallback,
+        None,
+        (
+            f"{img_size} px on {device.describe()}: no pretrained {preferred} weights reachable, "
+            f"so a network that trains well from scratch"
+        ),
+    )
+
+
+def _batch_size(img_size: int, data: DataProfile, device: DeviceProfile) -> tuple[int, str]:
+    if device.kind == "cuda":
+        memory = device.gpu_memory_gb or 8
+        size = 256 if img_size <= 64 else 128 if img_size <= 160 else 64
+        size = size * 2 if memory >= 40 else size
+        why = f"{img_size} px on {memory:g} GiB of GPU memory"
+    else:
+        size = 32 if data.train_images < 1000 else 64
+        why = "CPU: small batches give more updates for the same compute"
+    # at least ~8 updates per epoch, so small data sets still get a schedule
+    size = max(8, min(size, 2 ** int(math.log2(max(data.train_images // 8, 2)))))
+    return size, (
+        f"{why}; {data.train_images} train images, {data.min_per_class} in the rarest class"
+    )
+
+
+def _budget(data: DataProfile, device: DeviceProfile) -> tuple[float | str, str]:
+    if device.kind == "cpu":
+        minutes = max(MIN_BUDGET_MINUTES, data.train_images * CPU_BUDGET_MINUTES_PER_IMAGE)
+        return round(minutes, 2), (
+            f"{data.train_images} train images on {device.describe()}: "
+            "7.5 minutes per 12,000 images, at least 0.5"
+        )
+    minutes = max(2.0, data.train_images / 1000)
+    return round(minutes, 2), f"{data.train_images} train images on a GPU: 1 minute per 1,000"
+
+
+def _no_weights(model: str) -> None:
+    return None
+
+
+def resolve_recipe(
+    config: TrainConfig, data: DataProfile, device: DeviceProfile, weights: WeightsProbe
+) -> Recipe:
+    """Resolve every ``auto`` setting of ``config``; explicit settings are kept as they are."""
+    values: dict[str, Any] = {}
+    reasons: dict[str, str] = {}
+
+    def pick(name: str, value: Any, reason: str) -> None:
+        values[name], reasons[name] = value, reason
+
+    if config.pretrained is False:
+        weights = _no_weights  # not asked for: pick the model that trains well from scratch
+    img_size = config.img_size
+    if img_size == AUTO:
+        img_size, why = _img_size(data, device)
+        pick("img_size", img_size, why)
+    model = config.model
+    found: str | None = None
+    if model == AUTO:
+        model, found, why = _model(img_size, device, weights)
+        pick("model", model, why)
+    if config.pretrained == AUTO:
+        if config.pretrained_path:
+            pick("pretrained", True, f"weights from train.pretrained_path {config.pretrained_path}")
+        else:
+            found = found or weights(model)
+            if found:
+                pick("pretrained", True, f"weights for {model} found at {found}")
+                values["pretrained_path"] = found
+            else:
+                pick("pretrained", False, f"no weights for {model} reachable: from scratch")
+    pretrained = values.get("pretrained", config.pretrained) or bool(config.pretrained_path)
+    if config.batch_size == AUTO:
+        pick("batch_size", *_batch_size(img_size, data, device))
+    batch_size = values.get("batch_size", config.batch_size)
+    if config.lr == AUTO:
+        base = 1e-3 if pretrained else 4e-3
+        lr = round(base * math.sqrt(batch_size / 64), 6)
+        start = "fine-tuning pretrained weights" if pretrained else "training from scratch"
+        pick("lr", lr, f"AdamW {start}: {base:g} at batch 64, scaled by sqrt(batch / 64)")
+    if config.epochs == AUTO:
+        pick("epochs", MAX_EPOCHS, "the most epochs under auto; the time budget picks fewer")
+    if config.time_budget_minutes == AUTO:
+        if config.epochs != AUTO:
+            pick("time_budget_minutes", "none", "epochs was set: train for that many")
+        else:
+            pick("time_budget_minutes", *_budget(data, device))
+    return Recipe(config.model_copy(update=values), reasons, data, device)

@@ -17,6 +17,7 @@ import pandas as pd
 from mtmc_pipeline import artifacts as af
 from mtmc_pipeline.artifacts import TaskArtifacts, stored_fingerprint
 from mtmc_pipeline.config import TrainConfig
+from mtmc_pipeline.data.multilabel_splits import is_multilabel
 from mtmc_pipeline.data.splits import read_manifest
 from mtmc_pipeline.plots import history_png
 from mtmc_pipeline.runtime import Runtime
@@ -77,6 +78,7 @@ def run_training(
         info = {
             "arch": config.model,
             "class_names": classes,
+            "kind": "multilabel" if is_multilabel(manifest) else "single",
             "img_size": config.img_size,
             "mean": list(result.preprocess.mean),
             "std": list(result.preprocess.std),

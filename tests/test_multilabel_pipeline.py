@@ -10,14 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import (
-    accuracy_score,
-    average_precision_score,
-    f1_score,
-    hamming_loss,
-    precision_score,
-    recall_score,
-)
+from sklearn.metrics import precision_score
 
 from mtmc_pipeline import stages
 from mtmc_pipeline.artifacts import TaskArtifacts
@@ -28,6 +21,7 @@ from mtmc_pipeline.runtime import resolve_runtime
 from mtmc_pipeline.serving.predict import COLUMNS, Predictor, decode_image
 from mtmc_pipeline.stages.reporting import run_calibration, run_evaluation
 from mtmc_pipeline.stages.training import run_training
+from tests.multilabel_reference import per_class_ap, sklearn_metrics
 
 TASK_YAML = """\
 kind: multilabel
@@ -88,26 +82,15 @@ def test_metrics_json_matches_scikit_learn_on_predictions(trained) -> None:
         for r, p in enumerate(preds.loc[preds["split"] == split, "pred"]):
             stored[r, list(p)] = True
         assert np.array_equal(stored, pred)
-        kw = {"zero_division": 0}
-        expected = {
-            "CP": precision_score(truth, pred, average="macro", **kw),
-            "CR": recall_score(truth, pred, average="macro", **kw),
-            "CF1": f1_score(truth, pred, average="macro", **kw),
-            "OP": precision_score(truth, pred, average="micro", **kw),
-            "OR": recall_score(truth, pred, average="micro", **kw),
-            "OF1": f1_score(truth, pred, average="micro", **kw),
-            "subset_accuracy": accuracy_score(truth, pred),
-            "hamming_loss": hamming_loss(truth, pred),
-            "mAP": np.mean([average_precision_score(truth[:, c], logits[:, c]) for c in range(k)]),
-            "n": len(truth),
-        }
+        expected = sklearn_metrics(truth, pred, logits)
+        expected["n"] = len(truth)
         for key, value in expected.items():
             assert m[key] == pytest.approx(value, abs=1e-6), (split, key)
     assert metrics["mAP"] == metrics["by_split"]["test"]["mAP"]
     per_class = pd.read_parquet(art.evaluation_dir / "per_class.parquet")
     test_pc = per_class[per_class["split"] == "test"]
     logits, truth = _split(preds, "test", k)
-    aps = [average_precision_score(truth[:, c], logits[:, c]) for c in range(k)]
+    aps = per_class_ap(truth, logits)
     np.testing.assert_allclose(test_pc["average_precision"], aps, atol=1e-6)
     co = pd.read_parquet(art.evaluation_dir / "confusion.parquet")
     diagonal = co[(co["split"] == "test") & (co["true_label"] == co["pred_label"])]

@@ -124,9 +124,9 @@ def run_integrity(task_dir: Path, art: TaskArtifacts, config: IntegrityConfig) -
         schema = INTEGRITY_SCHEMA
         if multilabel:
             df, findings = attach_labels(df, task_dir, task.classes, summary["severity"])
-            if findings is not None:
-                summary["task_findings"] = findings
-            summary["kind"], summary["classes"] = "multilabel", task.classes
+            summary["kind"] = "multilabel"
+            if findings is not None:  # labels.csv: its findings and its declared classes
+                summary["task_findings"], summary["classes"] = findings, task.classes
             schema = schema.append(pa.field("labels", pa.list_(pa.string())))
         af.write_parquet(
             art.integrity,

@@ -408,7 +408,14 @@ def reference_markdown() -> str:
         "Set these per task in `<task>/task.yaml` (a mapping of section to settings) or per",
         "run in the Dagster launchpad / `--config` (the asset of each stage takes its section).",
     ]
-    lines += ["", "## Top level", "", "| setting | default | meaning |", "|---|---|---|"]
+    lines += [
+        "",
+        "## Top level",
+        "",
+        "Set in `task.yaml` only (they describe the data, not a run).",
+        "",
+    ]
+    lines += ["| setting | default | meaning |", "|---|---|---|"]
     for name in TOP_LEVEL:
         field = TaskConfig.model_fields[name]
         desc = (field.description or "").replace("|", "\\|")

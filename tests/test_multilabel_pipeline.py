@@ -15,7 +15,7 @@ from sklearn.metrics import precision_score
 from mtmc_pipeline import stages
 from mtmc_pipeline.artifacts import TaskArtifacts
 from mtmc_pipeline.config import load_task_config
-from mtmc_pipeline.demo import MULTI_CLASSES, WARM, write_multilabel
+from mtmc_pipeline.demo import MULTI_CLASSES, MULTI_MISSING, WARM, write_multilabel
 from mtmc_pipeline.evaluation.multilabel_calibrate import MultiLabelCalibrator
 from mtmc_pipeline.runtime import resolve_runtime
 from mtmc_pipeline.serving.predict import COLUMNS, Predictor, decode_image
@@ -140,3 +140,14 @@ def test_predict_returns_the_label_set_at_the_precision_asked(trained) -> None:
         expected = [calibrator.class_names[j] for j in np.flatnonzero(conf[k] >= 0.5)]
         assert sorted(labels) == sorted(expected)
     assert (df["temperature_prob"].between(0, 1)).all()
+
+
+def test_demo_task_is_deterministic_and_rewrites_nothing(tmp_path: Path) -> None:
+    assert write_multilabel(tmp_path / "a", n=20) == 21  # images + labels.csv
+    write_multilabel(tmp_path / "b", n=20)
+    assert write_multilabel(tmp_path / "a", n=20) == 0
+    for name in ("labels.csv", "images/0007.png", "task.yaml"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    rows = (tmp_path / "a" / "labels.csv").read_text("utf-8").splitlines()
+    assert rows[0] == "relpath,labels" and rows[-1].startswith(MULTI_MISSING)  # planted
+    assert all(2 <= r.count(";") + 1 <= 4 for r in rows[1:-1])  # 2-3 textures, maybe warm

@@ -87,7 +87,12 @@ CHECKS: dict[str, list[tuple[str, bool, str]]] = {
         ("no_hash_in_two_splits", True, "No content hash appears in two splits."),
     ],
     "evaluation": [
-        ("beats_majority_baseline", False, "Accuracy beats always predicting the largest class."),
+        (
+            "beats_majority_baseline",
+            False,
+            "Accuracy beats always predicting the largest class (multi-label: mAP beats a "
+            "random ranking).",
+        ),
         ("macro_f1_floor", False, "Macro F1 reaches evaluation.min_macro_f1 (when set)."),
     ],
     "calibration": [

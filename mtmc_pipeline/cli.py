@@ -94,8 +94,11 @@ def cmd_summary(args: argparse.Namespace) -> int:
             f"   model {row.model}; on {row.split}: accuracy {row.accuracy:.4f}, "
             f"macro F1 {row.macro_f1:.4f}, mAP {row.mAP:.4f}"
         )
+        scaling = (  # multi-label tasks: one Platt scaling per class, no temperature
+            "per-class Platt" if pd.isna(row.temperature) else f"temperature {row.temperature:.3f}"
+        )
         print(
-            f"   calibration: temperature {row.temperature:.3f}, "
+            f"   calibration: {scaling}, "
             f"ECE on {row.split} {row.ece_before:.4f} -> {row.ece_after:.4f}"
         )
         print(f"   report:      {art.evaluation_dir / 'report.md'}")

@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 TASK_FILE = "task.yaml"
+LABELS_FILE = "labels.csv"  # multi-label tasks: relpath,labels (see data/labels.py)
 
 
 class ConfigError(ValueError):
@@ -126,6 +127,11 @@ class SamplingConfig(_Section):
     repeat_threshold: float = Field(
         0.1, gt=0, le=1, description="repeat_factor: classes rarer than this share are repeated."
     )
+    multilabel_combine: Literal["max", "mean"] = Field(
+        "max",
+        description="Multi-label tasks: an image's weight is the max (LVIS) or mean of its "
+        "labels' class weights.",
+    )
 
 
 AUTO = "auto"
@@ -204,8 +210,11 @@ class TrainConfig(_Section):
     clip_grad_norm: float | None = Field(
         None, gt=0, description="Clip the global gradient norm to this value (none: no clipping)."
     )
-    loss: Literal["ce", "focal", "ghm", "bce"] = Field(
-        "ce", description="ce (cross-entropy), focal, ghm (GHM-C) or bce (one-vs-rest)."
+    loss: Literal["ce", "focal", "ghm", "bce", "asl"] = Field(
+        "ce",
+        description="ce (cross-entropy), focal, ghm (GHM-C) or bce (one-vs-rest). Multi-label "
+        "tasks train one sigmoid per class: bce, focal (sigmoid focal) or asl (asymmetric "
+        "loss); ce there means bce.",
     )
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="For ce, bce and mixup targets.")
     focal_gamma: float = Field(2.0, ge=0, description="Focusing exponent of the focal loss.")
@@ -214,6 +223,16 @@ class TrainConfig(_Section):
         description="Focal loss alpha: one weight per class (in class order) for its term, or a "
         "single number for every class (the paper's alpha of the positive term; softmax focal "
         "loss has no negative terms, so one number only scales the loss).",
+    )
+    asl_gamma_neg: float = Field(4.0, ge=0, description="ASL: focusing exponent of negatives.")
+    asl_gamma_pos: float = Field(0.0, ge=0, description="ASL: focusing exponent of positives.")
+    asl_clip: float = Field(
+        0.05, ge=0, lt=1, description="ASL: probability margin shifted off every negative."
+    )
+    pos_weight: bool = Field(
+        False,
+        description="Multi-label: weight each class's positive term by its train negatives / "
+        "positives (BCE pos_weight).",
     )
     ghm_bins: int = Field(10, ge=1, description="GHM-C: gradient-norm bins.")
     ghm_momentum: float = Field(0.75, ge=0, lt=1, description="GHM-C: bin count moving average.")
@@ -231,8 +250,10 @@ class TrainConfig(_Section):
     )
     ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA decay (ramped up from 0).")
     patience: int = Field(10, ge=1, description="Early stop after this many epochs without gain.")
-    monitor: Literal["macro_f1", "accuracy", "balanced_accuracy", "val_loss"] = Field(
-        "macro_f1", description="Validation quantity that picks the best epoch."
+    monitor: Literal["macro_f1", "accuracy", "balanced_accuracy", "val_loss", "mAP"] = Field(
+        "macro_f1",
+        description="Validation quantity that picks the best epoch. Multi-label tasks: mAP is "
+        "used unless val_loss is set.",
     )
     augment: bool = Field(True, description="Random resized crop, flip and colour jitter.")
     hflip: bool = Field(True, description="Horizontal flips (turn off for digits, text...).")
@@ -373,6 +394,16 @@ class LabelQualityConfig(_Section):
 
 
 class TaskConfig(_Section):
+    kind: Literal["single", "multilabel"] = Field(
+        "single",
+        description="single: one class per image (its folder). multilabel: any number of classes "
+        "per image, from labels.csv or the same bytes in several class folders.",
+    )
+    classes: list[str] | None = Field(
+        None,
+        description="multilabel with labels.csv: the class list; a label outside it is "
+        "labels_unknown_class (default: every label labels.csv names).",
+    )
     scan: ScanConfig = ScanConfig()
     integrity: IntegrityConfig = IntegrityConfig()
     split: SplitConfig = SplitConfig()
@@ -382,10 +413,25 @@ class TaskConfig(_Section):
     calibration: CalibrationConfig = CalibrationConfig()
     label_quality: LabelQualityConfig = LabelQualityConfig()
 
+    @field_validator("classes")
+    @classmethod
+    def _class_names(cls, classes: list[str] | None) -> list[str] | None:
+        if classes is not None:
+            bad = [c for c in classes if not c.strip() or ";" in c or c != c.strip()]
+            if not classes or bad or len(set(classes)) != len(classes):
+                raise ValueError(
+                    "must be a non-empty list of distinct names without ';' or outer spaces"
+                )
+            return sorted(classes)
+        return classes
+
 
 SECTIONS: dict[str, type[_Section]] = {
-    name: field.annotation for name, field in TaskConfig.model_fields.items()
+    name: field.annotation
+    for name, field in TaskConfig.model_fields.items()
+    if isinstance(field.annotation, type) and issubclass(field.annotation, _Section)
 }
+TOP_LEVEL = [name for name in TaskConfig.model_fields if name not in SECTIONS]
 
 
 _UNION_BRANCH = re.compile(r"constrained-\w+|literal\[.*\]|int|float|bool|str")
@@ -461,6 +507,18 @@ def reference_markdown() -> str:
         "Set these per task in `<task>/task.yaml` (a mapping of section to settings) or per",
         "run in the Dagster launchpad / `--config` (the asset of each stage takes its section).",
     ]
+    lines += [
+        "",
+        "## Top level",
+        "",
+        "Set in `task.yaml` only (they describe the data, not a run).",
+        "",
+    ]
+    lines += ["| setting | default | meaning |", "|---|---|---|"]
+    for name in TOP_LEVEL:
+        field = TaskConfig.model_fields[name]
+        desc = (field.description or "").replace("|", "\\|")
+        lines.append(f"| `{name}` | `{_default_text(field)}` | {desc} |")
     for section, model in SECTIONS.items():
         lines += ["", f"## `{section}`", "", "| setting | default | meaning |", "|---|---|---|"]
         for name, field in model.model_fields.items():

@@ -1,4 +1,4 @@
-"""The demo data set: two deterministic tasks that exercise every stage.
+"""The demo data set: three deterministic tasks that exercise every stage.
 
 - ``digits``: the real handwritten digits shipped with scikit-learn (``load_digits``), written
   as 32x32 PNGs in the flat layout ``digits/<0..9>/``, so the pipeline must make the split.
@@ -8,6 +8,10 @@
   train and val. The full-size pattern task also has label-quality problems
   (:func:`pattern_label_problems`): 5% of its training images filed under a wrong class (val
   stays clean) and near copies (re-encoded, resized) of training images in val and train.
+- ``pattern_multi``: a multi-label task (``kind: multilabel``, labels in ``labels.csv``): each
+  image puts two or three of the textures side by side, in warm or cool colours, and is
+  labelled with every texture it shows plus the colour attribute 暖色 (warm) when warm. One
+  planted ``labels.csv`` row names a file that does not exist.
 
 Rewriting an existing demo leaves unchanged files untouched (same bytes, same mtime), so a
 second ``make demo`` finds nothing stale.
@@ -43,6 +47,16 @@ DIGITS_TASK_YAML = """\
 # person knows goes here: a mirrored digit is another digit, or none.
 train:
   hflip: false
+"""
+
+
+MULTI_CLASSES = ("条纹", "格子", "波点", "渐变色")  # the textures a multi-label image combines
+WARM = "暖色"
+MULTI_IMAGES = 400
+MULTI_MISSING = "images/不存在.png"
+MULTI_TASK_YAML = """\
+# Only what a person knows: an image can show several classes at once.
+kind: multilabel
 """
 
 
@@ -204,8 +218,62 @@ def write_near_copies(task_dir: Path, problems: LabelProblems) -> int:
     return written
 
 
+def _texture(kind: int, rng: np.random.Generator, size: int) -> np.ndarray:
+    """A size x size pattern in [0, 1], fine enough that a third of a 32 px image shows it."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    angle = rng.uniform(0, np.pi)
+    u = xx * np.cos(angle) + yy * np.sin(angle)
+    v = -xx * np.sin(angle) + yy * np.cos(angle)
+    if kind == 0:  # stripes
+        return (np.sin(u * 2 * np.pi / rng.uniform(3.5, 6)) > 0).astype(np.float64)
+    if kind == 1:  # checks
+        period = rng.uniform(3, 5)
+        return ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float64)
+    if kind == 2:  # dots
+        period = rng.uniform(6, 8)
+        du, dv = (u % period) - period / 2, (v % period) - period / 2
+        return (du**2 + dv**2 < (period * 0.3) ** 2).astype(np.float64)
+    return (u - u.min()) / (np.ptp(u) + 1e-9)  # gradient
+
+
+def _palette(warm: bool, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Dark and light colour of a warm (red-orange) or cool (blue-green) image."""
+    a, b = rng.uniform(0, 1, 2)
+    if warm:
+        return np.array([150 + 80 * a, 30, 20]), np.array([255, 140 + 80 * b, 40])
+    return np.array([20, 40 + 60 * a, 120]), np.array([60, 200, 160 + 80 * b])
+
+
+def write_multilabel(task_dir: Path, n: int = MULTI_IMAGES, size: int = 32, seed: int = 0) -> int:
+    """The multi-label texture task and its labels.csv; returns the number of files written."""
+    rng = np.random.default_rng(seed)
+    written = 0
+    lines = ["relpath,labels"]
+    for i in range(n):
+        kinds = sorted(rng.choice(len(MULTI_CLASSES), size=rng.integers(2, 4), replace=False))
+        warm = bool(rng.random() < 0.4)
+        bands = np.array_split(np.arange(size), len(kinds))
+        order = rng.permutation(kinds)
+        dark, light = _palette(warm, rng)
+        t = np.zeros((size, size))
+        for kind, band in zip(order, bands, strict=True):  # horizontal bands
+            t[band] = _texture(int(kind), rng, size)[band]
+        canvas = dark * (1 - t[..., None]) + light * t[..., None]
+        canvas += rng.normal(0, 4, canvas.shape)
+        img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
+        rel = f"images/{i:04d}.png"
+        written += _write_if_changed(task_dir / rel, _png(img))
+        labels = [MULTI_CLASSES[k] for k in kinds] + ([WARM] if warm else [])
+        lines.append(f"{rel},{';'.join(labels)}")
+    lines.append(f"{MULTI_MISSING},{MULTI_CLASSES[0]}")
+    written += _write_if_changed(task_dir / "labels.csv", ("\n".join(lines) + "\n").encode())
+    _write_if_changed(task_dir / "task.yaml", MULTI_TASK_YAML.encode())
+    return written
+
+
 def write_demo(root: Path, small: bool = False) -> dict[str, int]:
-    """Write both demo tasks under ``root``; ``small`` makes a tiny copy for tests."""
+    """Write the demo tasks under ``root``; ``small`` makes a tiny copy of the single-label
+    ones for tests (the multi-label task is tested on its own, with :func:`write_multilabel`)."""
     if small:
         return {
             "digits": write_digits(root / "digits", per_class=12),
@@ -213,4 +281,8 @@ def write_demo(root: Path, small: bool = False) -> dict[str, int]:
                 root / "pattern", (24, 16, 12, 10, 8), (6, 5, 5, 4, 4), 32, label_problems=False
             ),
         }
-    return {"digits": write_digits(root / "digits"), "pattern": write_pattern(root / "pattern")}
+    return {
+        "digits": write_digits(root / "digits"),
+        "pattern": write_pattern(root / "pattern"),
+        "pattern_multi": write_multilabel(root / "pattern_multi"),
+    }

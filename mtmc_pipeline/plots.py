@@ -170,17 +170,29 @@ def history_png(history: pd.DataFrame) -> bytes:
     return to_png(fig)
 
 
-def reliability_png(before: pd.DataFrame, after: pd.DataFrame, temperature: float) -> bytes:
+def reliability_png(
+    before: pd.DataFrame,
+    after: pd.DataFrame,
+    temperature: float,
+    names: tuple[str, str, str] | None = None,
+) -> bytes:
     """Accuracy against top-1 confidence per bin, before and after temperature scaling, with
-    the number of images per bin underneath (a gap in a near-empty bin means little)."""
+    the number of images per bin underneath (a gap in a near-empty bin means little).
+
+    ``names`` (before, after, x axis) relabel the curves for other scores, e.g. the per-class
+    sigmoid of a multi-label task before and after Platt scaling.
+    """
+    label_before, label_after, x_label = names or (
+        "softmax",
+        f"temperature {temperature:.2f}",
+        "top-1 confidence",
+    )
     fig, (top, bottom) = plt.subplots(
         2, 1, figsize=(4.8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
     )
     top.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
     width = float((before["upper"] - before["lower"]).iloc[0])
-    for offset, (table, label) in enumerate(
-        ((before, "softmax"), (after, f"temperature {temperature:.2f}"))
-    ):
+    for offset, (table, label) in enumerate(((before, label_before), (after, label_after))):
         t = table.dropna()
         top.plot(t["confidence"], t["accuracy"], "o-", ms=4, label=label)
         bottom.bar(
@@ -194,7 +206,7 @@ def reliability_png(before: pd.DataFrame, after: pd.DataFrame, temperature: floa
     top.set_ylim(0, 1)
     top.legend(loc="upper left")
     top.set_title("Reliability (validation)")
-    bottom.set_xlabel("top-1 confidence")
+    bottom.set_xlabel(x_label)
     bottom.set_ylabel("images")
     return to_png(fig)
 

@@ -63,6 +63,9 @@ CROSS_SPLIT_LEAK = "cross_split_leak"
 NEAR_DUPLICATE = "near_duplicate"
 NEAR_DUPLICATE_CONFLICT = "near_duplicate_conflict"
 NEAR_DUPLICATE_LEAK = "near_duplicate_leak"
+LABELS_UNKNOWN_CLASS = "labels_unknown_class"
+LABELS_DUPLICATE_ROW = "labels_duplicate_row"
+NOT_IN_LABELS = "not_in_labels_csv"
 
 # code -> (default severity, meaning). "error" excludes the file from training, "warn" keeps it.
 ISSUES: dict[str, tuple[str, str]] = {
@@ -84,12 +87,17 @@ ISSUES: dict[str, tuple[str, str]] = {
     NEAR_DUPLICATE: ("warn", "a near copy (re-encoded, resized) of an earlier file of its class"),
     NEAR_DUPLICATE_CONFLICT: ("warn", "near copies of this picture are filed under two classes"),
     NEAR_DUPLICATE_LEAK: ("error", "a near copy of a file in an earlier split (train wins)"),
+    LABELS_UNKNOWN_CLASS: ("warn", "labels.csv gives it a label outside `classes` (dropped)"),
+    LABELS_DUPLICATE_ROW: ("warn", "labels.csv lists it more than once (the first row counts)"),
+    NOT_IN_LABELS: ("error", "multi-label task with labels.csv: the file has no row in it"),
 }
 DEFAULT_SEVERITY: dict[str, str] = {code: sev for code, (sev, _) in ISSUES.items()}
 
 # Task-level findings (stored in the integrity file's metadata, shown in the UI).
 CLASS_WITHOUT_USABLE_IMAGE = "class_without_usable_image"
 CLASS_NOT_IN_TRAIN = "class_not_in_train"
+LABELS_MISSING_FILE = "labels_missing_file"  # a labels.csv row names no image of the task
+LABELS_BAD_ROW = "labels_bad_row"  # a labels.csv row without exactly two fields
 
 _MAGIC: list[tuple[bytes, int, str]] = [
     (b"\xff\xd8\xff", 0, "JPEG"),
@@ -367,23 +375,30 @@ def inspect_files(paths: list[str], exts: list[str], config: IntegrityConfig) ->
     return results  # type: ignore[return-value]
 
 
-def _cross_file_issues(df: pd.DataFrame) -> pd.Series:
+def _cross_file_issues(df: pd.DataFrame, multilabel: bool = False) -> pd.Series:
     """Issue codes that need the whole task: duplicates, conflicting labels, split leakage.
 
     Among copies of the same bytes, the first in (train, val, test; relpath) order is kept as
     it is; a later copy in another split is a leak, in the same split a duplicate. Copies
     under different classes all get conflicting_labels: no one can say which label is right.
+    In a multi-label task copies under different classes of one split are one image with
+    several labels: only a second copy in the same class folder is a duplicate.
     """
     hashed = df["content_hash"].notna() & (df["bytes"] != 0)
     copies = df.loc[hashed & df["content_hash"].duplicated(keep=False)]
     copies = copies.assign(_s=copies["split_dir"].map(_SPLIT_ORDER)).sort_values(["_s", "relpath"])
     by_hash = copies.groupby("content_hash", sort=False)
-    conflicting = by_hash["class_name"].transform("nunique") > 1
     later = copies["content_hash"].duplicated()
+    if multilabel:
+        conflicting = pd.Series(False, index=copies.index)
+        duplicate = copies.duplicated(["content_hash", "split_dir", "class_name"])
+    else:
+        conflicting = by_hash["class_name"].transform("nunique") > 1
+        duplicate = later
     leak = copies["split_dir"] != by_hash["split_dir"].transform("first")
     codes = pd.Series(
         np.select(
-            [conflicting, later & leak, later],
+            [conflicting, later & leak, duplicate],
             [CONFLICTING_LABELS, CROSS_SPLIT_LEAK, EXACT_DUPLICATE],
             "",
         ),
@@ -478,6 +493,7 @@ def check_integrity(
     config: IntegrityConfig | None = None,
     previous: pd.DataFrame | None = None,
     class_folders: Iterable[tuple[str, str]] = (),
+    multilabel: bool = False,
 ) -> tuple[pd.DataFrame, dict[str, object]]:
     """Integrity rows (inventory columns + findings) and a summary with task-level findings.
 
@@ -485,6 +501,7 @@ def check_integrity(
     ``KEY_COLUMNS`` and ``PER_FILE_COLUMNS``); its
     per-file results are reused for files whose (relpath, bytes, mtime_ns) did not change.
     ``class_folders`` are the (split_dir, class) folders the scan found, empty ones included.
+    ``multilabel``: copies of one image in several class folders are its labels, no conflict.
     """
     config = config or IntegrityConfig()
     severity = {**DEFAULT_SEVERITY, **config.severity}
@@ -503,7 +520,7 @@ def check_integrity(
     ).sort_index()
     df = pd.concat([df, per_file], axis=1)
     near, df["near_duplicate_group"] = _near_duplicate_issues(df, config)
-    df["issues"], df["status"] = _findings(df, [_cross_file_issues(df), near], severity)
+    df["issues"], df["status"] = _findings(df, [_cross_file_issues(df, multilabel), near], severity)
     df = df.astype({"width": "Int64", "height": "Int64"})
     summary = {
         "decoded": len(todo),

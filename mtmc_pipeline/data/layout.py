@@ -30,7 +30,7 @@ from stat import S_ISDIR, S_ISREG
 import pandas as pd
 
 from mtmc_pipeline.artifacts import fingerprint
-from mtmc_pipeline.config import TASK_FILE, ScanConfig
+from mtmc_pipeline.config import LABELS_FILE, TASK_FILE, ScanConfig
 from mtmc_pipeline.data.review import REVIEW_FILE, review_digest
 
 SPLIT_ALIASES = {
@@ -245,7 +245,7 @@ def scan_task(task_dir: Path, config: ScanConfig | None = None) -> ScanResult:
 
 def listing_fingerprint(task_dir: Path, scan: ScanResult) -> str:
     """Digest of every file's (relpath, size, mtime), the class folders, task.yaml and
-    review.csv.
+    review.csv and labels.csv (when there is one).
 
     This is the raw data version: it changes when a file is added, removed or rewritten,
     when a class folder appears (even an empty one) and when the task's settings or review
@@ -262,4 +262,7 @@ def listing_fingerprint(task_dir: Path, scan: ScanResult) -> str:
     )
     task_file = task_dir / TASK_FILE
     settings = task_file.read_bytes().hex() if task_file.is_file() else ""
-    return fingerprint("raw_images", listing, scan.class_folders, settings, review_digest(task_dir))
+    labels_file = task_dir / LABELS_FILE  # multi-label tasks: part of the raw data
+    labels = [labels_file.read_bytes().hex()] if labels_file.is_file() else []
+    review = review_digest(task_dir)
+    return fingerprint("raw_images", listing, scan.class_folders, settings, review, *labels)

@@ -180,6 +180,8 @@ def realised_precision(
 ) -> pd.DataFrame:
     """Precision each reachable threshold actually reaches on other held-out data (test).
 
+    ``labels``: class indices, or the N x C indicator matrix of a multi-label task.
+
     ``n`` counts the images scored >= t (precision is NaN when there are none). ``allowed`` is
     how far the precision may fall short of its level: ``tolerance``, or the one-sided 95%
     Clopper-Pearson slack of ``n`` images (upper bound minus precision) when that is larger,
@@ -199,7 +201,7 @@ def realised_precision(
         for name, rows in part.groupby("class_name", sort=False).indices.items():
             c = column[name]
             kept = scores[:, c, None] >= th[None, rows]  # images x this class's levels
-            n[rows], hits[rows] = kept.sum(0), kept[labels == c].sum(0)
+            n[rows], hits[rows] = kept.sum(0), kept[_positives(labels, c)].sum(0)
         part["n"] = n
         part["precision"] = np.divide(hits, n, out=np.full(len(n), np.nan), where=n > 0)
         slack = precision_upper_bound(hits, n) - part["precision"].to_numpy()
@@ -209,6 +211,11 @@ def realised_precision(
     short = out["level"] - out["precision"]
     out["flagged"] = (out["n"] > 0) & (short > out["allowed"] + _EPS)
     return out
+
+
+def _positives(labels: np.ndarray, c: int) -> np.ndarray:
+    """Images of class c: ``labels`` are class indices (N,) or a multi-label indicator (N, C)."""
+    return labels[:, c].astype(bool) if labels.ndim == 2 else labels == c
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:

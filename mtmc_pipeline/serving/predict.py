@@ -20,6 +20,7 @@ import torch
 from mtmc_pipeline.artifacts import read_json
 from mtmc_pipeline.evaluation.calibrate import CALIBRATOR_FILE, Calibrator
 from mtmc_pipeline.evaluation.metrics import softmax
+from mtmc_pipeline.evaluation.multilabel_calibrate import MultiLabelCalibrator
 from mtmc_pipeline.runtime import Runtime, resolve_runtime
 from mtmc_pipeline.training.loader import Normalize, fit_square, load_rgb
 from mtmc_pipeline.training.models import MODEL_FILE, Preprocess, load_bundle, logits_fp32
@@ -84,7 +85,10 @@ class Predictor:
             info["img_size"], tuple(info["mean"]), tuple(info["std"]), info["interpolation"]
         )
         path = task_artifacts / "calibration" / CALIBRATOR_FILE
-        self.calibrator = Calibrator.from_json(read_json(path), str(path))
+        data = read_json(path)
+        self.multilabel = data.get("kind") == "multilabel"
+        loader = MultiLabelCalibrator if self.multilabel else Calibrator
+        self.calibrator = loader.from_json(data, str(path))
         model_fp = info.get("fingerprint")
         if self.calibrator.class_names != self.class_names or (
             self.calibrator.model_fingerprint not in (None, model_fp)
@@ -168,8 +172,17 @@ class Predictor:
     def _describe(
         self, logits: np.ndarray, min_precision: float, use_lower_bound: bool
     ) -> list[dict[str, object]]:
-        probs = softmax(logits)
-        tprobs = self.calibrator.temperature_probs(logits)
+        """Per image: the top class and its probabilities, and every class whose calibrated
+        confidence (or its lower bound) reaches ``min_precision`` (multi-label: the predicted
+        label set; its ``temperature_prob`` is the Platt-scaled sigmoid and there is no
+        softmax)."""
+        probs = None if self.multilabel else softmax(logits)
+        calibrator = self.calibrator
+        tprobs = (
+            calibrator.probabilities(logits)
+            if isinstance(calibrator, MultiLabelCalibrator)
+            else calibrator.temperature_probs(logits)
+        )
         conf = self.calibrator.precision_confidence(logits, "logit")
         lower = (
             self.calibrator.lower_bound_confidence(logits, "logit")
@@ -184,7 +197,7 @@ class Predictor:
             out.append(
                 {
                     "label": self.class_names[c],
-                    "softmax_prob": float(probs[k, c]),
+                    "softmax_prob": None if probs is None else float(probs[k, c]),
                     "temperature_prob": float(tprobs[k, c]),
                     "calibrated_confidence": float(conf[k, c]),
                     "precision_lower": float(lower[k, c]),

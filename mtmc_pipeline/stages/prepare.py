@@ -8,10 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 
 from mtmc_pipeline import artifacts as af
 from mtmc_pipeline.artifacts import TaskArtifacts, stored_fingerprint
-from mtmc_pipeline.config import IntegrityConfig, SamplingConfig, ScanConfig, SplitConfig
+from mtmc_pipeline.config import (
+    IntegrityConfig,
+    SamplingConfig,
+    ScanConfig,
+    SplitConfig,
+    load_task_config,
+)
 from mtmc_pipeline.data.integrity import (
     DEFAULT_SEVERITY,
     INTEGRITY_SCHEMA,
@@ -22,7 +29,15 @@ from mtmc_pipeline.data.integrity import (
     check_integrity,
     usable_rows,
 )
+from mtmc_pipeline.data.labels import attach_labels
 from mtmc_pipeline.data.layout import listing_fingerprint, scan_task
+from mtmc_pipeline.data.multilabel_sampling import multilabel_sampling_weights
+from mtmc_pipeline.data.multilabel_splits import (
+    is_multilabel,
+    label_split_counts,
+    make_multilabel_splits,
+    multilabel_schema,
+)
 from mtmc_pipeline.data.review import Review, apply_review, read_review
 from mtmc_pipeline.data.sampling import sampling_weights
 from mtmc_pipeline.data.splits import (
@@ -102,15 +117,24 @@ def run_integrity(task_dir: Path, art: TaskArtifacts, config: IntegrityConfig) -
     else:
         inventory = af.read_parquet(art.inventory)
         folders = af.parquet_meta(art.inventory).get("class_folders", [])
+        task = load_task_config(task_dir)
+        multilabel = task.kind == "multilabel"
         df, summary = check_integrity(
-            task_dir, inventory, config, _previous_integrity(art, config), folders
+            task_dir, inventory, config, _previous_integrity(art, config), folders, multilabel
         )
+        schema = INTEGRITY_SCHEMA
+        if multilabel:
+            df, findings = attach_labels(df, task_dir, task.classes, summary["severity"])
+            summary["kind"] = "multilabel"
+            if findings is not None:  # labels.csv: its findings and its declared classes
+                summary["task_findings"], summary["classes"] = findings, task.classes
+            schema = schema.append(pa.field("labels", pa.list_(pa.string())))
         af.write_parquet(
             art.integrity,
             df,
             fp,
             meta={k: v for k, v in summary.items() if k != "decoded"},
-            schema=INTEGRITY_SCHEMA,
+            schema=schema,
         )
     md = integrity_metadata(df, summary)
     md.update(near_duplicate_preview(df, task_dir))
@@ -250,21 +274,30 @@ def run_splits(
             else None
         )
         usable, changed = apply_review(usable_rows(integrity), review)
-        manifest, classes = make_splits(usable, config, previous, art.task)
+        if "labels" in integrity.columns:
+            declared = af.parquet_meta(art.integrity).get("classes")
+            manifest, classes = make_multilabel_splits(usable, config, previous, art.task, declared)
+            schema = multilabel_schema(classes)
+        else:
+            manifest, classes = make_splits(usable, config, previous, art.task)
+            schema = splits_schema(classes)
         content = manifest_fingerprint(manifest, classes)
         af.write_parquet(
             art.splits,
             manifest,
             fp,
             meta={"split_config": config.model_dump(), "review": changed},
-            schema=splits_schema(classes),
+            schema=schema,
             data_version=content,
         )
+    multilabel = is_multilabel(manifest)
     md: dict[str, Any] = {
         "images": len(manifest),
         "classes": len(classes),
         "by_split": manifest["split"].value_counts().to_dict(),
-        "class_by_split": class_split_counts(manifest),
+        "class_by_split": label_split_counts(manifest, classes)
+        if multilabel
+        else class_split_counts(manifest),
         "review_dropped": changed.get("dropped", 0),
         "review_relabelled": changed.get("relabelled", 0),
         "path": str(art.splits),
@@ -272,13 +305,19 @@ def run_splits(
     if review.findings:
         md["review_findings"] = pd.DataFrame(review.findings)
     record_elapsed(md, start)
+    if multilabel:
+        inventory_classes = classes  # labels, not folders, name the classes
     return StageResult(content, reused, md, splits_checks(manifest, classes, inventory_classes))
 
 
 def splits_checks(
     manifest: pd.DataFrame, classes: list[str], inventory_classes: list[str]
 ) -> dict[str, CheckOutcome]:
-    in_train = set(manifest.loc[manifest["split"] == "train", "class_name"])
+    train = manifest[manifest["split"] == "train"]
+    if is_multilabel(manifest):
+        in_train = {classes[i] for ix in train["labels"] for i in ix}
+    else:
+        in_train = set(train["class_name"])
     missing = [c for c in inventory_classes if c not in in_train]
     leaks = leaking_hashes(manifest)
     return {
@@ -309,7 +348,8 @@ def run_sampling(art: TaskArtifacts, config: SamplingConfig) -> StageResult:
         table = af.read_parquet(art.class_weights)
     else:
         manifest, classes = read_manifest(art.splits)
-        weights, table = sampling_weights(manifest, classes, config)
+        combine = multilabel_sampling_weights if is_multilabel(manifest) else sampling_weights
+        weights, table = combine(manifest, classes, config)
         af.write_parquet(art.class_weights, table, fp)
         af.write_parquet(art.sampling_weights, weights, fp, meta={"strategy": config.strategy})
     shares = table.set_index("class_name")[["share_before", "expected_share"]]

@@ -20,6 +20,8 @@ from mtmc_pipeline.evaluation.calibrate import (
     calibrate,
 )
 from mtmc_pipeline.evaluation.evaluate import evaluate_model
+from mtmc_pipeline.evaluation.multilabel_calibrate import calibrate_multilabel
+from mtmc_pipeline.evaluation.multilabel_evaluate import evaluate_multilabel
 from mtmc_pipeline.runtime import Runtime
 from mtmc_pipeline.stages.common import (
     CheckOutcome,
@@ -60,9 +62,9 @@ def run_evaluation(
     reused = stored_fingerprint(out / "metrics.json") == fp
     if not reused:
         manifest = af.read_parquet(art.splits)
-        ev = evaluate_model(
-            art.model_dir, manifest, task_dir, art.work_dir / "cache", runtime, config
-        )
+        multilabel = af.read_json(art.model_dir / MODEL_FILE).get("kind") == "multilabel"
+        evaluate = evaluate_multilabel if multilabel else evaluate_model
+        ev = evaluate(art.model_dir, manifest, task_dir, art.work_dir / "cache", runtime, config)
         with af.atomic_dir(out) as tmp:
             af.write_json(tmp / "metrics.json", {**ev.metrics, "fingerprint": fp})
             af.write_parquet(tmp / "per_class.parquet", ev.per_class)
@@ -103,6 +105,8 @@ def evaluation_checks(
             {"accuracy": metrics["accuracy"], "majority_baseline": majority},
         )
     }
+    if metrics.get("kind") == "multilabel":
+        checks["beats_majority_baseline"] = multilabel_baseline_check(metrics, pc)
     if config.min_macro_f1 is not None:
         checks["macro_f1_floor"] = CheckOutcome(
             metrics["macro_f1"] >= config.min_macro_f1,
@@ -111,6 +115,18 @@ def evaluation_checks(
             "error",
         )
     return checks
+
+
+def multilabel_baseline_check(metrics: dict[str, Any], pc: pd.DataFrame) -> CheckOutcome:
+    """A model that ranks images at random has an expected AP of the class's prevalence."""
+    chance = float(pc["support"].mean() / max(metrics["n"], 1))
+    return CheckOutcome(
+        metrics["mAP"] > chance,
+        f"mAP {metrics['mAP']:.4f} on {metrics['split']} vs {chance:.4f} of a random ranking "
+        "(mean class prevalence)",
+        "error",
+        {"mAP": metrics["mAP"], "random_ranking_map": chance},
+    )
 
 
 def run_calibration(art: TaskArtifacts, config: CalibrationConfig) -> StageResult:
@@ -127,8 +143,9 @@ def run_calibration(art: TaskArtifacts, config: CalibrationConfig) -> StageResul
         preds = af.read_parquet(eval_dir / "predictions.parquet")
         classes = af.read_json(art.model_dir / MODEL_FILE)["class_names"]
         model_fp = af.read_json(eval_dir / "metrics.json").get("model_fingerprint")
+        fit = calibrate_multilabel if "labels" in preds.columns else calibrate
         try:
-            cal = calibrate(preds, classes, config, model_fp)
+            cal = fit(preds, classes, config, model_fp)
         except ValueError as e:
             raise ValueError(f"{eval_dir / 'predictions.parquet'}: {e}") from e
         with af.atomic_dir(out) as tmp:

@@ -23,6 +23,7 @@ import pandas as pd
 from mtmc_pipeline import artifacts as af
 from mtmc_pipeline.artifacts import TaskArtifacts, stored_fingerprint
 from mtmc_pipeline.config import TrainConfig
+from mtmc_pipeline.data.multilabel_splits import is_multilabel
 from mtmc_pipeline.data.splits import read_manifest
 from mtmc_pipeline.plots import history_png
 from mtmc_pipeline.runtime import Runtime, resolve_runtime
@@ -56,7 +57,7 @@ def run_training(
 ) -> StageResult:
     start = time.perf_counter()
     manifest, classes = read_manifest(art.splits)
-    recipe = task_recipe(art, manifest, config, runtime, log)
+    recipe = task_recipe(art, manifest, len(classes), config, runtime, log)
     config = recipe.config
     for line in recipe.lines():
         log(f"recipe: {line}")
@@ -93,6 +94,7 @@ def run_training(
         info = {
             "arch": config.model,
             "class_names": classes,
+            "kind": "multilabel" if is_multilabel(manifest) else "single",
             "img_size": config.img_size,
             "mean": list(result.preprocess.mean),
             "std": list(result.preprocess.std),
@@ -177,13 +179,14 @@ def _quiet(_: str) -> None:
 def task_recipe(
     art: TaskArtifacts,
     manifest: pd.DataFrame,
+    num_classes: int,
     config: TrainConfig,
     runtime: Runtime,
     log: Callable[[str], None] = print,
 ) -> Recipe:
     """The resolved training settings of a task on this runtime."""
     integrity = af.read_parquet(art.integrity, columns=["relpath", "width", "height", "mode"])
-    data = DataProfile.from_manifests(integrity, manifest)
+    data = DataProfile.from_manifests(integrity, manifest, num_classes)
     return resolve_recipe(
         config, data, DeviceProfile.from_runtime(runtime), lambda m: find_pretrained(m, log)
     )

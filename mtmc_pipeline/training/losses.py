@@ -157,4 +157,6 @@ def build_loss(
         return GHMCLoss(config.ghm_bins, config.ghm_momentum, class_weight)
     if config.loss == "bce":
         return OneVsRestBCE(config.label_smoothing, class_weight)
+    if config.loss == "asl":
+        raise ConfigError("train.loss = asl: the asymmetric loss is for kind: multilabel tasks")
     raise ValueError(f"train.loss = {config.loss!r}: use ce, focal, ghm or bce")

@@ -47,16 +47,20 @@ class DataProfile:
     min_per_class: int  # train images of the rarest class
 
     @classmethod
-    def from_manifests(cls, integrity: pd.DataFrame, splits: pd.DataFrame) -> DataProfile:
-        """From integrity's width, height and mode, for the train rows of the split manifest."""
+    def from_manifests(
+        cls, integrity: pd.DataFrame, splits: pd.DataFrame, num_classes: int
+    ) -> DataProfile:
+        """From integrity's width, height and mode, for the train rows of the split manifest
+        (multi-label manifests count an image once for each of its labels per class)."""
         train = splits[splits["split"] == "train"]
         rows = integrity.merge(train[["relpath"]], on="relpath", how="inner")
         sides = rows[["width", "height"]].min(axis=1).dropna()
-        per_class = train["label"].value_counts()
+        labels = train["labels"].explode() if "labels" in train.columns else train["label"]
+        per_class = labels.value_counts()
         return cls(
             median_side=int(sides.median()) if len(sides) else 224,
             grey=bool(len(rows)) and rows["mode"].isin(GREY_MODES).mean() >= 0.5,
-            num_classes=int(splits["label"].nunique()),
+            num_classes=num_classes,
             train_images=len(train),
             min_per_class=int(per_class.min()) if len(per_class) else 0,
         )

@@ -26,9 +26,11 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
 from mtmc_pipeline.config import AUTO, ConfigError, TrainConfig
+from mtmc_pipeline.data.multilabel_splits import is_multilabel
 from mtmc_pipeline.data.splits import TaskDataError
 from mtmc_pipeline.evaluation.evaluate import predict_logits
 from mtmc_pipeline.evaluation.metrics import confusion, cross_entropy, summary_metrics
+from mtmc_pipeline.evaluation.multilabel_metrics import multilabel_metrics
 from mtmc_pipeline.runtime import Runtime
 from mtmc_pipeline.training.augment import AugmentSettings, BatchAugment, mixup, randaugment
 from mtmc_pipeline.training.budget import EpochPlanner
@@ -42,6 +44,7 @@ from mtmc_pipeline.training.loader import (
 )
 from mtmc_pipeline.training.losses import build_loss
 from mtmc_pipeline.training.models import Preprocess, create_model
+from mtmc_pipeline.training.multilabel import build_multilabel_loss, multi_hot, positive_weight
 from mtmc_pipeline.training.schedules import Schedule, build_schedule
 
 Log = Callable[[str], None]
@@ -66,6 +69,15 @@ class TrainResult:
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)  # timm's Mixup draws from numpy's global generator
+
+
+def _monitor(config: TrainConfig, multilabel: bool) -> str:
+    """The monitored quantity: multi-label tasks use mAP unless val_loss is asked for."""
+    if multilabel:
+        return "val_loss" if config.monitor == "val_loss" else "mAP"
+    if config.monitor == "mAP":
+        raise ConfigError("train.monitor = mAP: only for multi-label tasks (kind: multilabel)")
+    return config.monitor
 
 
 def _monitor_value(metrics: dict[str, float], monitor: str) -> float:
@@ -293,7 +305,18 @@ def train_model(
         torch.backends.cudnn.benchmark = True
     _check_input_size(model, config, runtime.device)
     cw = None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32)
-    criterion = build_loss(config, num_classes, cw).to(runtime.device)  # fails before decoding
+    multilabel = is_multilabel(manifest)
+    if multilabel:  # one sigmoid per class, multi-hot targets
+        pos_weight = positive_weight(manifest, num_classes) if config.pos_weight else None
+        criterion = build_multilabel_loss(config, num_classes, cw, pos_weight)
+    else:
+        criterion = build_loss(config, num_classes, cw)  # fails before decoding
+    criterion = criterion.to(runtime.device)
+    monitor = _monitor(config, multilabel)
+
+    def targets(rows: pd.DataFrame) -> Sequence[Any]:
+        return multi_hot(rows, num_classes) if multilabel else rows["label"]
+
     parameters = sum(p.numel() for p in model.parameters())
 
     cache = DecodedCache(cache_root, config.img_size, pre.interpolation)
@@ -305,11 +328,11 @@ def train_model(
     train_rows = manifest[manifest["split"] == "train"].reset_index(drop=True)
     val_rows = manifest[manifest["split"] == "val"].reset_index(drop=True)
     train_ds = CachedImageDataset(
-        cache, train_rows["content_hash"], train_rows["label"], randaugment(config)
+        cache, train_rows["content_hash"], targets(train_rows), randaugment(config)
     )
-    val_ds = CachedImageDataset(cache, val_rows["content_hash"], val_rows["label"])
+    val_ds = CachedImageDataset(cache, val_rows["content_hash"], targets(val_rows))
     val_loader = inference_loader(val_ds, config.batch_size * 2, runtime)
-    y_val = val_rows["label"].to_numpy()
+    y_val = np.asarray(targets(val_rows))
 
     generator = torch.Generator().manual_seed(config.seed)
     weights = None
@@ -407,8 +430,12 @@ def train_model(
         loss_sum = dist.all_sum(loss_sum)
         count = dist.all_sum_int(count)
         logits = predict_logits(eval_model, val_loader, normalize, runtime)
-        metrics = summary_metrics(confusion(y_val, logits.argmax(1), num_classes))
-        metrics["val_loss"] = cross_entropy(logits, y_val)
+        if multilabel:
+            metrics = multilabel_metrics(logits, y_val)
+            metrics["val_loss"] = metrics["log_loss"]
+        else:
+            metrics = summary_metrics(confusion(y_val, logits.argmax(1), num_classes))
+            metrics["val_loss"] = cross_entropy(logits, y_val)
         row = {
             "epoch": epoch,
             "train_loss": loss_sum.item() / max(count, 1),
@@ -425,7 +452,7 @@ def train_model(
             "seconds": time.perf_counter() - t0,
         }
         history.append(row)
-        value = _monitor_value(metrics, config.monitor)
+        value = _monitor_value(metrics, monitor)
         schedule.step(epoch + 1, value)
         improved = value > best_value
         if improved:
@@ -453,7 +480,7 @@ def train_model(
             f"lr {row['lr']:.2e} {row['images_per_second']:.0f} img/s{' *' if improved else ''}"
         )
         if _stalled(history, best_epoch, config):
-            log(f"early stop: no gain in {config.monitor} for {config.patience} epochs")
+            log(f"early stop: no gain in {monitor} for {config.patience} epochs")
             break
     if best_state is not None:
         eval_model.load_state_dict(best_state)

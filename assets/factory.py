@@ -26,6 +26,8 @@ from assets.config import (
     TrainOverrides,
     overrides_of,
 )
+from assets.export import CHECKS as EXPORT_CHECKS
+from assets.export import build_export_asset
 from assets.metadata import check_result, stage_metadata
 from assets.resources import ArtifactStore, TorchDevice
 from mtmc_pipeline import stages
@@ -44,6 +46,7 @@ STAGES = (
     "model",
     "evaluation",
     "calibration",
+    "export",
 )
 _VALID = re.compile(r"^[A-Za-z0-9_]+$")
 USER_ERRORS = (
@@ -96,6 +99,7 @@ CHECKS: dict[str, list[tuple[str, bool, str]]] = {
             "calibration.tolerance.",
         ),
     ],
+    "export": EXPORT_CHECKS,
 }
 
 
@@ -248,6 +252,15 @@ def build_task_assets(task: str, data_root: Path) -> list[Any]:
             result = run_calibration(artifacts.task(task), resolve("calibration", config))
         yield from _events(keys["calibration"], "calibration", result)
 
+    def export_events(stage: Any) -> Iterator[Any]:
+        with user_errors(task_dir):
+            result = stage()
+        yield from _events(keys["export"], "export", result)
+
+    export = build_export_asset(
+        task, task_dir, spec_kwargs("export", ["calibration"]), export_events
+    )
+
     return [
         raw_images,
         inventory,
@@ -257,6 +270,7 @@ def build_task_assets(task: str, data_root: Path) -> list[Any]:
         model,
         evaluation,
         calibration,
+        export,
     ]
 
 

@@ -281,6 +281,39 @@ class CalibrationConfig(_Section):
         return sorted(set(levels))
 
 
+class ExportConfig(_Section):
+    parity_atol: float = Field(
+        1e-4, gt=0, description="Blocking check: largest |ONNX - PyTorch| logit allowed (fp32)."
+    )
+    torch_export: bool = Field(
+        False, description="Also save the graph as a torch.export program (model.pt2)."
+    )
+    unknown_score: Literal["energy", "max_logit"] = Field(
+        "energy", description="Open-set score: energy (-logsumexp of the logits) or max_logit."
+    )
+    false_reject_rate: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="Share of val images of known classes the unknown threshold rejects.",
+    )
+    speed_seconds: float = Field(
+        0.5, ge=0, description="Time spent measuring onnxruntime and PyTorch images/s each."
+    )
+
+
+class PromotionConfig(_Section):
+    macro_f1_tolerance: float = Field(
+        0.0, ge=0, le=1, description="A retrain may score this much below the served macro F1."
+    )
+    recall_tolerance: float = Field(
+        0.05, ge=0, le=1, description="A retrain may lose this much recall on any one class."
+    )
+    force: bool = Field(
+        False, description="Promote the retrained model even if it regresses (the check warns)."
+    )
+
+
 class TaskConfig(_Section):
     scan: ScanConfig = ScanConfig()
     integrity: IntegrityConfig = IntegrityConfig()
@@ -289,6 +322,8 @@ class TaskConfig(_Section):
     train: TrainConfig = TrainConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     calibration: CalibrationConfig = CalibrationConfig()
+    export: ExportConfig = ExportConfig()
+    promotion: PromotionConfig = PromotionConfig()
 
 
 SECTIONS: dict[str, type[_Section]] = {

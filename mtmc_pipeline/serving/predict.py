@@ -17,9 +17,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mtmc_pipeline.artifacts import read_json
+from mtmc_pipeline.artifacts import read_json, read_parquet
 from mtmc_pipeline.evaluation.calibrate import CALIBRATOR_FILE, Calibrator
 from mtmc_pipeline.evaluation.metrics import softmax
+from mtmc_pipeline.evaluation.openset import OpenSet
 from mtmc_pipeline.runtime import Runtime, resolve_runtime
 from mtmc_pipeline.training.loader import Normalize, fit_square, load_rgb
 from mtmc_pipeline.training.models import MODEL_FILE, Preprocess, load_bundle
@@ -33,6 +34,8 @@ COLUMNS = (
     "calibrated_confidence",
     "labels_at_min_precision",
     "confidences_at_min_precision",
+    "unknown_score",
+    "unknown",
     "error",
 )
 
@@ -73,7 +76,12 @@ class Predictor:
     """A loaded model + calibrator for one task (``<artifacts>/<task>``)."""
 
     def __init__(
-        self, task_artifacts: Path, runtime: Runtime | None = None, decode_threads: int = 4
+        self,
+        task_artifacts: Path,
+        runtime: Runtime | None = None,
+        decode_threads: int = 4,
+        unknown_score: str = "energy",
+        false_reject_rate: float = 0.05,
     ) -> None:
         self.runtime = runtime or resolve_runtime()
         self.decode_threads = decode_threads
@@ -93,6 +101,10 @@ class Predictor:
                 " (retrained since?): materialize the task's evaluation and calibration again"
             )
         self.normalize = Normalize(self.pre, self.runtime.device, channels_last=True)
+        preds = task_artifacts / "evaluation" / "predictions.parquet"
+        self.openset = OpenSet.from_predictions(
+            read_parquet(preds), unknown_score, false_reject_rate, str(preds)
+        )
 
     @torch.no_grad()
     def logits(self, batch: np.ndarray) -> np.ndarray:
@@ -150,21 +162,36 @@ class Predictor:
         return rows
 
     def _describe(self, logits: np.ndarray, min_precision: float) -> list[dict[str, object]]:
-        probs = softmax(logits)
-        tprobs = self.calibrator.temperature_probs(logits)
-        conf = self.calibrator.precision_confidence(logits, "logit")
-        out = []
-        for k, c in enumerate(logits.argmax(1)):
-            confident = np.nonzero(conf[k] >= min_precision)[0]
-            confident = confident[np.argsort(-conf[k, confident], kind="stable")]
-            out.append(
-                {
-                    "label": self.class_names[c],
-                    "softmax_prob": float(probs[k, c]),
-                    "temperature_prob": float(tprobs[k, c]),
-                    "calibrated_confidence": float(conf[k, c]),
-                    "labels_at_min_precision": [self.class_names[j] for j in confident],
-                    "confidences_at_min_precision": [float(conf[k, j]) for j in confident],
-                }
-            )
-        return out
+        return describe(logits, self.class_names, self.calibrator, self.openset, min_precision)
+
+
+def describe(
+    logits: np.ndarray,
+    class_names: list[str],
+    calibrator: Calibrator,
+    openset: OpenSet,
+    min_precision: float,
+) -> list[dict[str, object]]:
+    """Per image: label, its softmax / temperature / calibrated confidences, every class at
+    ``min_precision``, and the open-set score (``mtmc predict`` and ``mtmc serve`` alike)."""
+    probs = softmax(logits)
+    tprobs = calibrator.temperature_probs(logits)
+    conf = calibrator.precision_confidence(logits, "logit")
+    unknown = openset.scores(logits)
+    out = []
+    for k, c in enumerate(logits.argmax(1)):
+        confident = np.nonzero(conf[k] >= min_precision)[0]
+        confident = confident[np.argsort(-conf[k, confident], kind="stable")]
+        out.append(
+            {
+                "label": class_names[c],
+                "softmax_prob": float(probs[k, c]),
+                "temperature_prob": float(tprobs[k, c]),
+                "calibrated_confidence": float(conf[k, c]),
+                "labels_at_min_precision": [class_names[j] for j in confident],
+                "confidences_at_min_precision": [float(conf[k, j]) for j in confident],
+                "unknown_score": float(unknown[k]),
+                "unknown": bool(unknown[k] > openset.threshold),
+            }
+        )
+    return out

@@ -28,6 +28,7 @@ CODE_VERSIONS: dict[str, str] = {
     "model": "1",
     "evaluation": "1",
     "calibration": "1",
+    "export": "1",
     "leaderboard": "1",
 }
 """Each stage's code version: its Dagster ``code_version`` and part of its input fingerprint.

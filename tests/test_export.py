@@ -19,7 +19,7 @@ from mtmc_pipeline.evaluation.promote import compare, map_predictions
 from mtmc_pipeline.runtime import resolve_runtime
 from mtmc_pipeline.serving.export import SIDECAR_FILE, ExportError, OnnxModel
 from mtmc_pipeline.serving.serve import Registry
-from mtmc_pipeline.stages.export import export_dir, rejected_dir, run_export
+from mtmc_pipeline.stages.export import run_export
 from mtmc_pipeline.stages.reporting import run_calibration, run_evaluation
 from mtmc_pipeline.training.models import MODEL_FILE, load_bundle, save_bundle
 
@@ -78,7 +78,7 @@ def test_a_worse_retrain_is_not_promoted_and_the_old_model_stays_served(
     shutil.copytree(exported, root)
     art = TaskArtifacts(root, "pattern")
     task_dir = tiny_root / "pattern"
-    served_fp = af.read_json(export_dir(art) / SIDECAR_FILE)["model_fingerprint"]
+    served_fp = af.read_json(art.export_dir / SIDECAR_FILE)["model_fingerprint"]
     registry = Registry(root)
     registry.refresh()
     assert registry.tasks["pattern"].fingerprint == served_fp
@@ -93,8 +93,8 @@ def test_a_worse_retrain_is_not_promoted_and_the_old_model_stays_served(
     check = result.checks["no_regression"]
     assert not check.passed and check.severity == "error"
     assert "macro F1" in check.description and "stays served" in check.description
-    assert af.read_json(export_dir(art) / SIDECAR_FILE)["model_fingerprint"] == served_fp
-    rejected = af.read_json(rejected_dir(art) / SIDECAR_FILE)
+    assert af.read_json(art.export_dir / SIDECAR_FILE)["model_fingerprint"] == served_fp
+    rejected = af.read_json(art.rejected_export_dir / SIDECAR_FILE)
     assert rejected["model_fingerprint"] == "worse-retrain"
     registry.refresh()
     assert registry.tasks["pattern"].fingerprint == served_fp
@@ -102,8 +102,8 @@ def test_a_worse_retrain_is_not_promoted_and_the_old_model_stays_served(
     forced = run_export(task_dir, art, cfg.export, PromotionConfig(force=True))
     assert forced.metadata["promoted"] is True
     assert forced.checks["no_regression"].severity == "warn"
-    assert af.read_json(export_dir(art) / SIDECAR_FILE)["model_fingerprint"] == "worse-retrain"
-    assert not rejected_dir(art).exists()
+    assert af.read_json(art.export_dir / SIDECAR_FILE)["model_fingerprint"] == "worse-retrain"
+    assert not art.rejected_export_dir.exists()
     registry.refresh()
     assert registry.tasks["pattern"].fingerprint == "worse-retrain"
     assert af.read_json(art.model_dir / MODEL_FILE)["fingerprint"] == "worse-retrain"

@@ -102,8 +102,12 @@ class Predictor:
             )
         self.normalize = Normalize(self.pre, self.runtime.device, channels_last=True)
         preds = task_artifacts / "evaluation" / "predictions.parquet"
-        self.openset = OpenSet.from_predictions(
-            read_parquet(preds), unknown_score, false_reject_rate, str(preds)
+        self.openset = (  # fitted like the export stage's: on the evaluation's val logits
+            OpenSet.from_predictions(
+                read_parquet(preds), unknown_score, false_reject_rate, str(preds)
+            )
+            if preds.is_file()
+            else None
         )
 
     @torch.no_grad()
@@ -169,15 +173,16 @@ def describe(
     logits: np.ndarray,
     class_names: list[str],
     calibrator: Calibrator,
-    openset: OpenSet,
+    openset: OpenSet | None,
     min_precision: float,
 ) -> list[dict[str, object]]:
     """Per image: label, its softmax / temperature / calibrated confidences, every class at
-    ``min_precision``, and the open-set score (``mtmc predict`` and ``mtmc serve`` alike)."""
+    ``min_precision``, and the open-set score (``mtmc predict`` and ``mtmc serve`` alike;
+    None without a rejector)."""
     probs = softmax(logits)
     tprobs = calibrator.temperature_probs(logits)
     conf = calibrator.precision_confidence(logits, "logit")
-    unknown = openset.scores(logits)
+    unknown = openset.scores(logits) if openset else None
     out = []
     for k, c in enumerate(logits.argmax(1)):
         confident = np.nonzero(conf[k] >= min_precision)[0]
@@ -190,8 +195,8 @@ def describe(
                 "calibrated_confidence": float(conf[k, c]),
                 "labels_at_min_precision": [class_names[j] for j in confident],
                 "confidences_at_min_precision": [float(conf[k, j]) for j in confident],
-                "unknown_score": float(unknown[k]),
-                "unknown": bool(unknown[k] > openset.threshold),
+                "unknown_score": None if unknown is None else float(unknown[k]),
+                "unknown": None if unknown is None else bool(unknown[k] > openset.threshold),
             }
         )
     return out

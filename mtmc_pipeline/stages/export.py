@@ -50,16 +50,6 @@ from mtmc_pipeline.stages.common import (
 from mtmc_pipeline.training.loader import DecodedCache
 from mtmc_pipeline.training.models import MODEL_FILE, Preprocess, load_bundle
 
-REJECTED = "export_rejected"
-
-
-def export_dir(art: TaskArtifacts) -> Path:
-    return art.dir / "export"
-
-
-def rejected_dir(art: TaskArtifacts) -> Path:
-    return art.dir / REJECTED
-
 
 def _pixels(rows: pd.DataFrame, task_dir: Path, cache_root: Path, pre: Preprocess) -> np.ndarray:
     """The model-sized uint8 images of ``rows`` (decoded once into the shared cache)."""
@@ -110,10 +100,10 @@ def _promotion(
 
 
 def _served(art: TaskArtifacts) -> OnnxModel | None:
-    if not (export_dir(art) / SIDECAR_FILE).is_file():
+    if not (art.export_dir / SIDECAR_FILE).is_file():
         return None
     try:
-        return OnnxModel.load(export_dir(art))
+        return OnnxModel.load(art.export_dir)
     except ExportError:
         return None  # an unreadable export cannot be what anyone is served
 
@@ -197,12 +187,12 @@ def build_export(
         af.write_json(tmp / SIDECAR_FILE, sidecar)
         if not decision.table.empty:
             af.write_parquet(tmp / "promotion.parquet", decision.table)
-        final = export_dir(art) if promoted else rejected_dir(art)
+        final = art.export_dir if promoted else art.rejected_export_dir
         with af.atomic_dir(final) as swap:  # swapped in whole: a reader sees old or new
             for item in sorted(tmp.iterdir()):
                 item.rename(swap / item.name)
     if promoted:
-        shutil.rmtree(rejected_dir(art), ignore_errors=True)
+        shutil.rmtree(art.rejected_export_dir, ignore_errors=True)
     return sidecar
 
 
@@ -220,12 +210,12 @@ def run_export(
         promo.model_dump(),
     )
     reused = None
-    for where in (export_dir(art), rejected_dir(art)):
+    for where in (art.export_dir, art.rejected_export_dir):
         if stored_fingerprint(where / SIDECAR_FILE) == fp:
             reused = af.read_json(where / SIDECAR_FILE)
     sidecar = reused or build_export(task_dir, art, config, promo, fp)
     promotion, checked = sidecar["promotion"], sidecar["parity"]
-    where = export_dir(art) if promotion["promoted"] else rejected_dir(art)
+    where = art.export_dir if promotion["promoted"] else art.rejected_export_dir
     md: dict[str, Any] = {
         "promoted": promotion["promoted"],
         "promotion": promotion["reason"],

@@ -26,6 +26,8 @@ from assets.config import (
     TrainOverrides,
     overrides_of,
 )
+from assets.export import CHECKS as EXPORT_CHECKS
+from assets.export import build_export_asset
 from assets.label_issues import build_label_issues
 from assets.metadata import check_result, stage_metadata
 from assets.pipes import TrainingLauncher
@@ -47,6 +49,7 @@ STAGES = (
     "evaluation",
     "calibration",
     "label_issues",
+    "export",
 )
 _VALID = re.compile(r"^[A-Za-z0-9_]+$")
 USER_ERRORS = (
@@ -104,6 +107,7 @@ CHECKS: dict[str, list[tuple[str, bool, str]]] = {
             "calibration.tolerance.",
         ),
     ],
+    "export": EXPORT_CHECKS,
 }
 
 
@@ -257,6 +261,15 @@ def build_task_assets(task: str, data_root: Path) -> list[Any]:
             result = run_calibration(artifacts.task(task), resolve("calibration", config))
         yield from _events(keys["calibration"], "calibration", result)
 
+    def export_events(stage: Any) -> Iterator[Any]:
+        with user_errors(task_dir):
+            result = stage()
+        yield from _events(keys["export"], "export", result)
+
+    export = build_export_asset(
+        task, task_dir, spec_kwargs("export", ["calibration"]), export_events
+    )
+
     return [
         raw_images,
         inventory,
@@ -267,6 +280,7 @@ def build_task_assets(task: str, data_root: Path) -> list[Any]:
         evaluation,
         calibration,
         build_label_issues(task, task_dir, spec_kwargs("label_issues", ["splits"])),
+        export,
     ]
 
 

@@ -4,7 +4,7 @@ The layout under the artifact root is a public contract (other tools read these 
 
     <task>/inventory.parquet  <task>/integrity.parquet  <task>/splits.parquet
     <task>/sampling_weights.parquet  <task>/class_weights.parquet
-    <task>/model/  <task>/evaluation/  <task>/calibration/
+    <task>/model/  <task>/evaluation/  <task>/calibration/  <task>/export/
     summary/leaderboard.parquet
 
 Every file is written to a temporary name in its final directory and renamed into place;
@@ -97,6 +97,16 @@ class TaskArtifacts:
     @property
     def calibration_dir(self) -> Path:
         return self.dir / "calibration"
+
+    @property
+    def export_dir(self) -> Path:
+        """The served export (``mtmc serve`` reads it)."""
+        return self.dir / "export"
+
+    @property
+    def rejected_export_dir(self) -> Path:
+        """The last candidate export that was not promoted."""
+        return self.dir / "export_rejected"
 
     @property
     def work_dir(self) -> Path:

@@ -60,7 +60,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
-        predictor = Predictor(art.dir, resolve_runtime(args.device))
+        predictor = Predictor(
+            art.dir,
+            resolve_runtime(args.device),
+            unknown_score=args.unknown_score,
+            false_reject_rate=args.false_reject_rate,
+        )
         df = predictor.predict(
             expand_inputs(args.inputs), args.min_precision, args.batch_size, args.use_lower_bound
         )
@@ -77,6 +82,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
         f"{'lower bound ' if args.use_lower_bound else ''}>= {args.min_precision}, "
         f"{errors} unreadable files"
     )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mtmc_pipeline.serving.serve import ServeSettings, serve
+
+    settings = ServeSettings(
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_bytes=args.max_bytes,
+        max_pixels=args.max_pixels,
+        reload_seconds=args.reload_seconds,
+        threads=args.threads,
+    )
+    print(f"serving the exports under {args.artifacts} on http://{args.host}:{args.port}")
+    serve(Path(args.artifacts), args.host, args.port, settings)
     return 0
 
 
@@ -182,7 +203,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", type=int, help="images per forward pass (default 8 on CPU, 128 on GPU)"
     )
+    p.add_argument(
+        "--unknown-score",
+        choices=("energy", "max_logit"),
+        default="energy",
+        help="open-set score (export.unknown_score)",
+    )
+    p.add_argument(
+        "--false-reject-rate",
+        type=float,
+        default=0.05,
+        help="share of known val images the unknown threshold rejects (export.false_reject_rate)",
+    )
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="serve every exported task over HTTP (POST /predict)")
+    p.add_argument("--artifacts", default=str(default_artifacts()), help="artifact root")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=32, help="most requests in one batch")
+    p.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests"
+    )
+    p.add_argument(
+        "--max-bytes", type=int, default=20 * 1024 * 1024, help="largest upload accepted"
+    )
+    p.add_argument(
+        "--max-pixels", type=int, default=89_478_485, help="larger images are decompression bombs"
+    )
+    p.add_argument(
+        "--reload-seconds", type=float, default=2.0, help="how often new exports are looked for"
+    )
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: per core)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("summary", help="print each task's metrics and where its reports are")
     p.add_argument("--artifacts", default=str(default_artifacts()), help="artifact root")

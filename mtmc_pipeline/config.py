@@ -393,6 +393,39 @@ class LabelQualityConfig(_Section):
     ] = Field("prune_by_noise_rate", description="cleanlab find_label_issues filter_by.")
 
 
+class ExportConfig(_Section):
+    parity_atol: float = Field(
+        1e-4, gt=0, description="Blocking check: largest |ONNX - PyTorch| logit allowed (fp32)."
+    )
+    torch_export: bool = Field(
+        False, description="Also save the graph as a torch.export program (model.pt2)."
+    )
+    unknown_score: Literal["energy", "max_logit"] = Field(
+        "energy", description="Open-set score: energy (-logsumexp of the logits) or max_logit."
+    )
+    false_reject_rate: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="Share of val images of known classes the unknown threshold rejects.",
+    )
+    speed_seconds: float = Field(
+        0.5, ge=0, description="Time spent measuring onnxruntime and PyTorch images/s each."
+    )
+
+
+class PromotionConfig(_Section):
+    macro_f1_tolerance: float = Field(
+        0.0, ge=0, le=1, description="A retrain may score this much below the served macro F1."
+    )
+    recall_tolerance: float = Field(
+        0.05, ge=0, le=1, description="A retrain may lose this much recall on any one class."
+    )
+    force: bool = Field(
+        False, description="Promote the retrained model even if it regresses (the check warns)."
+    )
+
+
 class TaskConfig(_Section):
     kind: Literal["single", "multilabel"] = Field(
         "single",
@@ -412,6 +445,8 @@ class TaskConfig(_Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     label_quality: LabelQualityConfig = LabelQualityConfig()
+    export: ExportConfig = ExportConfig()
+    promotion: PromotionConfig = PromotionConfig()
 
     @field_validator("classes")
     @classmethod

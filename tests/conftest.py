@@ -20,6 +20,8 @@ train:
   epochs: 15
   batch_size: 16
   lr: 0.01
+export:
+  speed_seconds: 0.05
 """
 
 
@@ -82,3 +84,20 @@ def materialized(tmp_path_factory: pytest.TempPathFactory) -> Materialized:
     out = Materialized(data_root, artifacts, result)
     out.digest_before = before
     return out
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An artifact root whose ``pattern`` task (Chinese class names) is trained, calibrated and
+    exported; read-only: copy it before changing anything."""
+    from mtmc_pipeline.artifacts import TaskArtifacts
+    from mtmc_pipeline.config import load_task_config
+    from mtmc_pipeline.stages.export import run_export
+    from tests.stage_runner import run
+
+    artifacts = tmp_path_factory.mktemp("exported")
+    run(tiny_root, artifacts, "pattern", {})
+    cfg = load_task_config(tiny_root / "pattern")
+    art = TaskArtifacts(artifacts, "pattern")
+    run_export(tiny_root / "pattern", art, cfg.export, cfg.promotion)
+    return artifacts

@@ -141,7 +141,11 @@ def test_new_images_rerun_only_their_task(two_tasks: TwoTasks) -> None:
     second = t.tick(first.cursor)
     assert requested(second, t.graph) == rerun
 
-    reused = t.run(rerun, {"ops": {"digits__model": {"config": {"epochs": 1}}}})
+    # one epoch is a worse model: force its promotion (safe promotion is tested elsewhere)
+    force = {"config": {"promotion": {"force": True}}}
+    reused = t.run(
+        rerun, {"ops": {"digits__model": {"config": {"epochs": 1}}, "digits__export": force}}
+    )
     assert not any(reused[k] for k in task_assets("digits", "inventory", "model", "evaluation"))
     assert stale_assets(t.instance, t.graph) == set()
     assert t.tick(second.cursor).total_requested == 0
@@ -163,7 +167,7 @@ def test_same_manifest_keeps_the_model(two_tasks: TwoTasks) -> None:
 
     reused = t.run(task_assets("pattern") | {LEADERBOARD})
     recomputed = {k.path[1] for k, was_reused in reused.items() if not was_reused}
-    assert recomputed == {"inventory", "integrity", "splits", "calibration"}
+    assert recomputed == {"inventory", "integrity", "splits", "calibration", "export"}
     assert t.dagster_stale() == set()
     assert stale_assets(t.instance, t.graph) == set()
 

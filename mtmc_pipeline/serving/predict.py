@@ -17,10 +17,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mtmc_pipeline.artifacts import read_json
+from mtmc_pipeline.artifacts import read_json, read_parquet
 from mtmc_pipeline.evaluation.calibrate import CALIBRATOR_FILE, Calibrator
 from mtmc_pipeline.evaluation.metrics import softmax
 from mtmc_pipeline.evaluation.multilabel_calibrate import MultiLabelCalibrator
+from mtmc_pipeline.evaluation.openset import OpenSet
 from mtmc_pipeline.runtime import Runtime, resolve_runtime
 from mtmc_pipeline.training.loader import Normalize, fit_square, load_rgb
 from mtmc_pipeline.training.models import MODEL_FILE, Preprocess, load_bundle, logits_fp32
@@ -35,6 +36,8 @@ COLUMNS = (
     "precision_lower",
     "labels_at_min_precision",
     "confidences_at_min_precision",
+    "unknown_score",
+    "unknown",
     "error",
 )
 
@@ -75,7 +78,12 @@ class Predictor:
     """A loaded model + calibrator for one task (``<artifacts>/<task>``)."""
 
     def __init__(
-        self, task_artifacts: Path, runtime: Runtime | None = None, decode_threads: int = 4
+        self,
+        task_artifacts: Path,
+        runtime: Runtime | None = None,
+        decode_threads: int = 4,
+        unknown_score: str = "energy",
+        false_reject_rate: float = 0.05,
     ) -> None:
         self.runtime = runtime or resolve_runtime()
         self.decode_threads = decode_threads
@@ -98,6 +106,14 @@ class Predictor:
                 " (retrained since?): materialize the task's evaluation and calibration again"
             )
         self.normalize = Normalize(self.pre, self.runtime.device, channels_last=True)
+        preds = task_artifacts / "evaluation" / "predictions.parquet"
+        self.openset = (  # fitted like the export stage's: on the evaluation's val logits
+            OpenSet.from_predictions(
+                read_parquet(preds), unknown_score, false_reject_rate, str(preds)
+            )
+            if preds.is_file()
+            else None
+        )
 
     @torch.no_grad()
     def logits(self, batch: np.ndarray) -> np.ndarray:
@@ -172,37 +188,61 @@ class Predictor:
     def _describe(
         self, logits: np.ndarray, min_precision: float, use_lower_bound: bool
     ) -> list[dict[str, object]]:
-        """Per image: the top class and its probabilities, and every class whose calibrated
-        confidence (or its lower bound) reaches ``min_precision`` (multi-label: the predicted
-        label set; its ``temperature_prob`` is the Platt-scaled sigmoid and there is no
-        softmax)."""
-        probs = None if self.multilabel else softmax(logits)
-        calibrator = self.calibrator
-        tprobs = (
-            calibrator.probabilities(logits)
-            if isinstance(calibrator, MultiLabelCalibrator)
-            else calibrator.temperature_probs(logits)
+        return describe(
+            logits,
+            self.class_names,
+            self.calibrator,
+            self.openset,
+            min_precision,
+            use_lower_bound,
+            self.multilabel,
         )
-        conf = self.calibrator.precision_confidence(logits, "logit")
-        lower = (
-            self.calibrator.lower_bound_confidence(logits, "logit")
-            if self.calibrator.precision_lower is not None
-            else np.full(conf.shape, np.nan)
+
+
+def describe(
+    logits: np.ndarray,
+    class_names: list[str],
+    calibrator: Calibrator,
+    openset: OpenSet | None,
+    min_precision: float,
+    use_lower_bound: bool = False,
+    multilabel: bool = False,
+) -> list[dict[str, object]]:
+    """Per image (``mtmc predict`` and ``mtmc serve`` alike): the top class and its softmax /
+    temperature / calibrated confidences, every class whose calibrated confidence (or, with
+    ``use_lower_bound``, its 95% lower bound) reaches ``min_precision``, and the open-set
+    score (None without a rejector). Multi-label: the classes at ``min_precision`` are the
+    predicted label set, ``temperature_prob`` is the Platt-scaled sigmoid and there is no
+    softmax."""
+    probs = None if multilabel else softmax(logits)
+    tprobs = (
+        calibrator.probabilities(logits)
+        if isinstance(calibrator, MultiLabelCalibrator)
+        else calibrator.temperature_probs(logits)
+    )
+    conf = calibrator.precision_confidence(logits, "logit")
+    lower = (
+        calibrator.lower_bound_confidence(logits, "logit")
+        if calibrator.precision_lower is not None
+        else np.full(conf.shape, np.nan)
+    )
+    select = lower if use_lower_bound else conf
+    unknown = openset.scores(logits) if openset else None
+    out = []
+    for k, c in enumerate(logits.argmax(1)):
+        confident = np.nonzero(select[k] >= min_precision)[0]
+        confident = confident[np.argsort(-conf[k, confident], kind="stable")]
+        out.append(
+            {
+                "label": class_names[c],
+                "softmax_prob": None if probs is None else float(probs[k, c]),
+                "temperature_prob": float(tprobs[k, c]),
+                "calibrated_confidence": float(conf[k, c]),
+                "precision_lower": float(lower[k, c]),
+                "labels_at_min_precision": [class_names[j] for j in confident],
+                "confidences_at_min_precision": [float(conf[k, j]) for j in confident],
+                "unknown_score": None if unknown is None else float(unknown[k]),
+                "unknown": None if unknown is None else bool(unknown[k] > openset.threshold),
+            }
         )
-        select = lower if use_lower_bound else conf
-        out = []
-        for k, c in enumerate(logits.argmax(1)):
-            confident = np.nonzero(select[k] >= min_precision)[0]
-            confident = confident[np.argsort(-conf[k, confident], kind="stable")]
-            out.append(
-                {
-                    "label": self.class_names[c],
-                    "softmax_prob": None if probs is None else float(probs[k, c]),
-                    "temperature_prob": float(tprobs[k, c]),
-                    "calibrated_confidence": float(conf[k, c]),
-                    "precision_lower": float(lower[k, c]),
-                    "labels_at_min_precision": [self.class_names[j] for j in confident],
-                    "confidences_at_min_precision": [float(conf[k, j]) for j in confident],
-                }
-            )
-        return out
+    return out

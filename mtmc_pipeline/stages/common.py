@@ -29,6 +29,7 @@ CODE_VERSIONS: dict[str, str] = {
     "evaluation": "1",
     "calibration": "1",
     "label_issues": "1",
+    "export": "1",
     "leaderboard": "1",
 }
 """Each stage's code version: its Dagster ``code_version`` and part of its input fingerprint.

@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -25,8 +26,9 @@ IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
 
-def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
-    """Open any usable image as upright 8-bit RGB (EXIF rotation, CMYK, 16-bit, alpha)."""
+def load_rgb(path: str | os.PathLike[str] | IO[bytes]) -> Image.Image:
+    """Open any usable image (a path or a binary file object) as upright 8-bit RGB (EXIF
+    rotation, CMYK, 16-bit, alpha)."""
     with Image.open(path) as im:
         im.seek(0)  # animated images: the first frame
         im = ImageOps.exif_transpose(im)

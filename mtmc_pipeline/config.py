@@ -94,6 +94,30 @@ class SamplingConfig(_Section):
     repeat_threshold: float = Field(
         0.1, gt=0, le=1, description="repeat_factor: classes rarer than this share are repeated."
     )
+    adaptive: bool = Field(
+        False,
+        description="Shared-backbone groups: every adaptive_period epochs, re-set each class's "
+        "share of the draws to adaptive_min + (1 - its validation adaptive_metric) * "
+        "(adaptive_max - adaptive_min) (MTMC-Pytorch's balancing).",
+    )
+    adaptive_period: int = Field(20, ge=1, description="adaptive: epochs between re-sets.")
+    adaptive_metric: Literal["recall", "precision"] = Field(
+        "recall",
+        description="adaptive: per-class validation metric; recall draws more of the classes "
+        "the model misses (low precision means a class is over-predicted).",
+    )
+    adaptive_min: float = Field(
+        1.0, gt=0, description="adaptive: M, the draw weight of a class at metric 1."
+    )
+    adaptive_max: float | None = Field(
+        None, gt=0, description="adaptive: N, the draw weight of a class at metric 0 (none: 2M)."
+    )
+
+    @model_validator(mode="after")
+    def _adaptive_bounds_ordered(self) -> SamplingConfig:
+        if self.adaptive_max is not None and self.adaptive_max < self.adaptive_min:
+            raise ValueError("adaptive_max must be at least adaptive_min")
+        return self
 
 
 class TrainConfig(_Section):

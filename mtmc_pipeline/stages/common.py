@@ -26,6 +26,7 @@ CODE_VERSIONS: dict[str, str] = {
     "splits": "1",
     "sampling_weights": "1",
     "model": "1",
+    "shared_model": "1",
     "evaluation": "1",
     "calibration": "1",
     "leaderboard": "1",

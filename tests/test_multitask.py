@@ -12,12 +12,12 @@ from safetensors.torch import load_file
 
 from mtmc_pipeline import artifacts as af
 from mtmc_pipeline import stages
-from mtmc_pipeline.artifacts import TaskArtifacts
+from mtmc_pipeline.artifacts import TaskArtifacts, group_dir
 from mtmc_pipeline.config import ConfigError, SamplingConfig, TrainConfig, load_task_config
 from mtmc_pipeline.data.groups import SharedGroup, read_groups
 from mtmc_pipeline.data.splits import read_manifest
 from mtmc_pipeline.runtime import resolve_runtime
-from mtmc_pipeline.stages.shared import group_dir, run_shared_training
+from mtmc_pipeline.stages.shared import run_shared_training
 from mtmc_pipeline.stages.training import run_training
 from mtmc_pipeline.training.adaptive import class_shares, draw_weights, per_class_metric
 from mtmc_pipeline.training.checkpoint import Checkpoint

@@ -7,9 +7,12 @@ import shutil
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
+import pandas as pd
 
 from assets.automation import stale_assets
 from assets.definitions import build_definitions
+from mtmc_pipeline.cli import main
 from mtmc_pipeline.training.models import load_bundle
 from tests.test_automation import LEADERBOARD, TwoTasks, add_images, task_assets
 
@@ -38,6 +41,7 @@ def test_new_images_in_a_member_retrain_the_group_and_nothing_outside(
         for task in ("digits", "pattern"):
             _, info = load_bundle(artifacts / task / "model")
             assert info["shared_group"] == "letters"
+        _predict_group_matches_each_task(tiny_copy, artifacts, tmp_path)
 
         add_images(tiny_copy / "digits", 3)
         t.observe()
@@ -51,3 +55,26 @@ def test_new_images_in_a_member_retrain_the_group_and_nothing_outside(
     assert again[GROUP] is False and again[dg.AssetKey(["pattern", "evaluation"])] is False
     assert again[dg.AssetKey(["pattern", "splits"])] is True
     assert all(again[k] for k in task_assets("other"))
+
+
+def _predict_group_matches_each_task(data: Path, artifacts: Path, tmp_path: Path) -> None:
+    """``mtmc predict --group``: one row per image and task, as each task's predict says."""
+    images = [*sorted((data / "digits").rglob("*.png"))[:3], data / "pattern" / "task.yaml"]
+    args = [*map(str, images), "--artifacts", str(artifacts), "--device", "cpu"]
+    out = tmp_path / "group.parquet"
+    assert main(["predict", *args, "--group", "letters", "--out", str(out)]) == 0
+    together = pd.read_parquet(out)
+    assert len(together) == len(images) * 2
+    assert together["task"].tolist() == ["digits", "pattern"] * len(images)
+    assert together["error"].notna().tolist() == [False] * 6 + [True] * 2  # not an image
+    for task in ("digits", "pattern"):
+        alone_path = tmp_path / f"{task}.parquet"
+        assert main(["predict", *args, "--task", task, "--out", str(alone_path)]) == 0
+        alone = pd.read_parquet(alone_path)
+        mine = together[together["task"] == task].reset_index(drop=True)
+        assert mine["label"].tolist() == alone["label"].tolist()
+        np.testing.assert_allclose(
+            mine["calibrated_confidence"].dropna(),
+            alone["calibrated_confidence"].dropna(),
+            atol=1e-5,
+        )

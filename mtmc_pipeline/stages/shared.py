@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from mtmc_pipeline import artifacts as af
-from mtmc_pipeline.artifacts import TaskArtifacts, fingerprint, safe_child, stored_fingerprint
+from mtmc_pipeline.artifacts import TaskArtifacts, fingerprint, group_dir, stored_fingerprint
 from mtmc_pipeline.config import TrainConfig, load_task_config
 from mtmc_pipeline.data.groups import SharedGroup
 from mtmc_pipeline.data.splits import read_manifest
@@ -40,13 +40,6 @@ from mtmc_pipeline.training.multitask import (
     task_model,
     train_multitask,
 )
-
-SHARED_DIR = "shared"
-
-
-def group_dir(artifacts_root: Path, group: str) -> Path:
-    """``<artifacts>/shared/<group>``: the joint bundle lives in its ``model/``."""
-    return safe_child(artifacts_root / SHARED_DIR, group)
 
 
 def group_train_config(

@@ -96,8 +96,8 @@ class SamplingConfig(_Section):
     )
     adaptive: bool = Field(
         False,
-        description="Shared-backbone groups: every adaptive_period epochs, re-set each class's "
-        "share of the draws to adaptive_min + (1 - its validation adaptive_metric) * "
+        description="Every adaptive_period epochs, re-set each class's share of the draws"
+        " to adaptive_min + (1 - its validation adaptive_metric) * "
         "(adaptive_max - adaptive_min) (MTMC-Pytorch's balancing).",
     )
     adaptive_period: int = Field(20, ge=1, description="adaptive: epochs between re-sets.")

@@ -245,3 +245,21 @@ def test_groups_file_errors_name_the_file_and_the_problem(tmp_path: Path) -> Non
     (group,) = read_groups(tmp_path, ["a", "b"])
     assert group.name == "条纹组" and (group.weight("a"), group.weight("b")) == (1.0, 0.5)
     assert read_groups(tmp_path / "nothing", []) == []
+
+
+def test_a_plain_task_with_adaptive_sampling_logs_and_records_every_reset(
+    prepared: Path, tiny_root: Path, tmp_path: Path
+) -> None:
+    shutil.copytree(prepared, tmp_path / "art")
+    art = TaskArtifacts(tmp_path / "art", "pattern")
+    stages.run_sampling(art, SamplingConfig(adaptive=True, adaptive_period=1))
+    messages: list[str] = []
+    config = TrainConfig(**{**RECIPE, "epochs": 2})
+    run_training(tiny_root / "pattern", art, config, CPU, messages.append)
+    resets = [m for m in messages if "adaptive balancing from val recall" in m]
+    assert len(resets) == 2
+    history = af.read_parquet(art.model_dir / "history.parquet")
+    shares = history["class_shares"].map(list).tolist()
+    assert len(shares) == 2 and all(len(s) == 5 and sum(s) == pytest.approx(1) for s in shares)
+    alone, _ = load_bundle(art.model_dir)
+    assert alone(torch.zeros(1, 3, 32, 32)).shape == (1, 5)

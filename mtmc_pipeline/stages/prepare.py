@@ -267,7 +267,8 @@ def run_sampling(art: TaskArtifacts, config: SamplingConfig) -> StageResult:
         manifest, classes = read_manifest(art.splits)
         weights, table = sampling_weights(manifest, classes, config)
         af.write_parquet(art.class_weights, table, fp)
-        af.write_parquet(art.sampling_weights, weights, fp, meta={"strategy": config.strategy})
+        meta = {"strategy": config.strategy, "sampling": config.model_dump()}
+        af.write_parquet(art.sampling_weights, weights, fp, meta=meta)
     shares = table.set_index("class_name")[["share_before", "expected_share"]]
     shares.columns = ["before (share of train images)", f"after ({config.strategy})"]
     md = {

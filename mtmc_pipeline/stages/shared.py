@@ -30,7 +30,12 @@ from mtmc_pipeline.stages.common import (
     stage_fingerprint,
     upstream_fingerprint,
 )
-from mtmc_pipeline.stages.training import CHECKPOINT_FILE, HISTORY_COLUMNS, HISTORY_FILE
+from mtmc_pipeline.stages.training import (
+    CHECKPOINT_FILE,
+    HISTORY_COLUMNS,
+    HISTORY_FILE,
+    sampling_config,
+)
 from mtmc_pipeline.training.checkpoint import Checkpoint
 from mtmc_pipeline.training.models import MODEL_FILE, save_bundle
 from mtmc_pipeline.training.multitask import (
@@ -96,7 +101,7 @@ def run_shared_training(
                     sample_weights=af.read_parquet(art.sampling_weights),
                     task_dir=data_root / art.task,
                     cache_root=art.work_dir / "cache",
-                    sampling=load_task_config(data_root / art.task).sampling,
+                    sampling=sampling_config(art),
                     loss_weight=group.weight(art.task),
                     class_weight=class_weight,
                 )

@@ -16,7 +16,7 @@ import pandas as pd
 
 from mtmc_pipeline import artifacts as af
 from mtmc_pipeline.artifacts import TaskArtifacts, stored_fingerprint
-from mtmc_pipeline.config import TrainConfig
+from mtmc_pipeline.config import SamplingConfig, TrainConfig
 from mtmc_pipeline.data.splits import read_manifest
 from mtmc_pipeline.plots import history_png
 from mtmc_pipeline.runtime import Runtime
@@ -29,11 +29,17 @@ from mtmc_pipeline.stages.common import (
 )
 from mtmc_pipeline.training.checkpoint import Checkpoint
 from mtmc_pipeline.training.models import MODEL_FILE, save_bundle
+from mtmc_pipeline.training.multitask import TaskData, train_as_group_of_one
 from mtmc_pipeline.training.train import train_model
 
 CHECKPOINT_FILE = "model-checkpoint.safetensors"
 HISTORY_FILE = "history.parquet"
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr"]
+
+
+def sampling_config(art: TaskArtifacts) -> SamplingConfig:
+    """The sampling settings the task's sampling weights were made with."""
+    return SamplingConfig.model_validate(af.parquet_meta(art.sampling_weights).get("sampling", {}))
 
 
 def run_training(
@@ -62,18 +68,32 @@ def run_training(
             class_weight = table["class_weight"].tolist()
         log(f"training {config.model} on {runtime.describe()} for task {art.task!r}")
         checkpoint = Checkpoint(art.work_dir / CHECKPOINT_FILE, fp)
-        result = train_model(
-            manifest,
-            classes,
-            weights,
-            task_dir,
-            art.work_dir / "cache",
-            config,
-            runtime,
-            log,
-            checkpoint,
-            class_weight,
-        )
+        sampling = sampling_config(art)
+        if sampling.adaptive:  # adaptive balancing is the multi-task loop's: a group of one
+            task = TaskData(
+                art.task,
+                manifest,
+                classes,
+                weights,
+                task_dir,
+                art.work_dir / "cache",
+                sampling,
+                class_weight=class_weight,
+            )
+            result = train_as_group_of_one(task, config, runtime, log, checkpoint)
+        else:
+            result = train_model(
+                manifest,
+                classes,
+                weights,
+                task_dir,
+                art.work_dir / "cache",
+                config,
+                runtime,
+                log,
+                checkpoint,
+                class_weight,
+            )
         info = {
             "arch": config.model,
             "class_names": classes,

@@ -58,6 +58,7 @@ from mtmc_pipeline.training.models import (
 from mtmc_pipeline.training.schedules import build_schedule
 from mtmc_pipeline.training.train import (
     Log,
+    TrainResult,
     _check_input_size,
     _cpu_copy,
     _monitor_value,
@@ -486,6 +487,29 @@ def _epoch_row(row: dict[str, Any]) -> dict[str, Any]:
     """What ``train._stalled`` reads: early stopping never waits out the first frozen epochs,
     and the late freeze does not hold it off."""
     return {"epoch": row["epoch"], "frozen": row["early_frozen"]}
+
+
+def train_as_group_of_one(
+    task: TaskData,
+    config: TrainConfig,
+    runtime: Runtime,
+    log: Log = print,
+    checkpoint: Checkpoint | None = None,
+) -> TrainResult:
+    """A plain task trained by the multi-task loop (for ``sampling.adaptive``, which lives
+    there), returned as :func:`~mtmc_pipeline.training.train.train_model` returns it."""
+    result = train_multitask([task], config, runtime, log, checkpoint)
+    return TrainResult(
+        model=task_model(result.model, 0, config.model, config.img_size),
+        preprocess=result.preprocess,
+        history=task_history(result.history, task.name),
+        best_epoch=result.best_epoch,
+        best_metrics=result.best_metrics.get(task.name, {}),
+        seconds=result.seconds,
+        images_per_second=result.images_per_second,
+        parameters=result.parameters,
+        resumed_at_epoch=result.resumed_at_epoch,
+    )
 
 
 def task_history(history: pd.DataFrame, task: str) -> pd.DataFrame:

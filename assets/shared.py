@@ -14,6 +14,7 @@ from assets.factory import task_key, user_errors
 from assets.metadata import stage_metadata
 from assets.resources import ArtifactStore, TorchDevice
 from mtmc_pipeline import stages
+from mtmc_pipeline.artifacts import fingerprint
 from mtmc_pipeline.data.groups import GROUPS_FILE, SharedGroup
 
 
@@ -33,7 +34,9 @@ def build_group_model(group: SharedGroup, data_root: Path) -> dg.AssetsDefinitio
         key=key,
         deps=deps,
         group_name="shared",
-        code_version=stages.CODE_VERSIONS["shared_model"],
+        # the group's settings live in mtmc.yaml, outside every task folder: in the code
+        # version, so that editing them (and reloading) marks the group stale
+        code_version=f"{stages.CODE_VERSIONS['shared_model']}-{fingerprint(group.model_dump())}",
         automation_condition=RETRAIN,
         pool="gpu",
         kinds={"pytorch"},

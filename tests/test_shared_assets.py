@@ -78,3 +78,19 @@ def _predict_group_matches_each_task(data: Path, artifacts: Path, tmp_path: Path
             alone["calibrated_confidence"].dropna(),
             atol=1e-5,
         )
+
+
+def test_group_asset_uses_the_gpu_pool_and_its_settings_version_it(
+    tiny_copy: Path, tmp_path: Path
+) -> None:
+    def group_node(groups_yaml: str):
+        (tiny_copy / "mtmc.yaml").write_text(groups_yaml, "utf-8")
+        return build_definitions(tiny_copy, tmp_path).resolve_asset_graph().get(GROUP)
+
+    plain = group_node("shared:\n  letters: [digits, pattern]\n")
+    weighted = group_node(
+        "shared:\n  letters: {tasks: [digits, pattern], loss_weights: {digits: 2}}\n"
+    )
+    assert plain.pools == {"gpu"} and plain.group_name == "shared"
+    assert plain.code_version != weighted.code_version
+    assert plain.code_version == group_node("shared:\n  letters: [digits, pattern]\n").code_version

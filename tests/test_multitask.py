@@ -132,7 +132,12 @@ def test_group_stage_writes_bundles_whose_logits_match(
 ) -> None:
     root = tmp_path / "art"
     shutil.copytree(prepared, root)
-    group = SharedGroup(name="两个", tasks=["digits", "pattern"], loss_weights={"pattern": 2.0})
+    group = SharedGroup(
+        name="两个",
+        tasks=["digits", "pattern"],
+        loss_weights={"pattern": 2.0},
+        freeze_backbone_at=2,
+    )
     config = TrainConfig(**{**RECIPE, "epochs": 2})
     result = run_shared_training(group, tiny_root, root, config, CPU, lambda _: None)
     assert not result.reused and result.metadata["epochs_run"] == 2
@@ -149,6 +154,7 @@ def test_group_stage_writes_bundles_whose_logits_match(
             torch.testing.assert_close(alone(normalize(x)), together[k], rtol=1e-5, atol=1e-5)
     history = af.read_parquet(root / "pattern" / "model" / "history.parquet")
     assert len(history) == 2 and "val_accuracy" in history
+    assert history["frozen"].tolist() == [False, True]  # the late freeze
     again = run_shared_training(group, tiny_root, root, config, CPU, lambda _: None)
     assert again.reused
 

@@ -91,18 +91,33 @@ def accuracy(data: Path, root: Path, task: str, runtime) -> float:
     return af.read_json(art.evaluation_dir / "metrics.json")["accuracy"]
 
 
-def images_per_second(models: list[torch.nn.Module], x: torch.Tensor, repeats: int) -> float:
-    """Best of ``repeats`` timings of running every model on the batch."""
-    best = np.inf
+def best_seconds(
+    runs: dict[str, list[torch.nn.Module]], x: torch.Tensor, repeats: int
+) -> dict[str, float]:
+    """Best time of each entry's models over ``repeats`` rounds, the entries interleaved in
+    every round so that a change of machine load hits all of them alike."""
+    best = dict.fromkeys(runs, np.inf)
     with torch.no_grad():
-        for m in models:
-            m(x)  # warm-up
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for m in models:
-                m(x)
-            best = min(best, time.perf_counter() - t0)
-    return len(x) / best
+        for _ in range(repeats + 1):  # the first round warms up
+            for name, models in runs.items():
+                t0 = time.perf_counter()
+                for m in models:
+                    m(x)
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def inference_table(separate: Path, shared: Path, img_size: int, batch: int, repeats: int) -> None:
+    joint, _ = load_joint_bundle(group_dir(shared, "demo") / "model")
+    alone = [load_bundle(TaskArtifacts(separate, t).model_dir)[0] for t in TASKS]
+    x = torch.randn(batch, 3, img_size, img_size).contiguous(memory_format=torch.channels_last)
+    print("\n| tasks | separate images/s | shared images/s | shared / separate |")
+    print("|---|---|---|---|")
+    for n in (1, 2, 3):
+        runs = {"separate": alone[:n], "shared": [_first_heads(joint, n)]}
+        best = best_seconds(runs, x, repeats)
+        sep, sha = batch / best["separate"], batch / best["shared"]
+        print(f"| {n} | {sep:.0f} | {sha:.0f} | {sha / sep:.2f} |")
 
 
 def main() -> None:
@@ -113,7 +128,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a third of the demo's images")
     parser.add_argument("--max-epochs", type=int, help="cap every recipe's epochs")
     parser.add_argument("--model", help="another timm model for every task and the group")
+    parser.add_argument(
+        "--inference-only", action="store_true", help="time the models of a previous run in --out"
+    )
     args = parser.parse_args()
+    if args.inference_only:
+        separate, shared = args.out / "separate", args.out / "shared"
+        info = af.read_json(group_dir(shared, "demo") / "model" / "model.json")
+        inference_table(separate, shared, info["img_size"], args.batch, args.repeats)
+        return
     recipe = {k: v for k, v in (("epochs", args.max_epochs), ("model", args.model)) if v}
     shutil.rmtree(args.out, ignore_errors=True)
     data, separate, shared = args.out / "data", args.out / "separate", args.out / "shared"
@@ -152,17 +175,7 @@ def main() -> None:
         f"({shared_seconds / total:.2f}x)"
     )
 
-    joint, _ = load_joint_bundle(group_dir(shared, "demo") / "model")
-    alone = [load_bundle(TaskArtifacts(separate, t).model_dir)[0] for t in TASKS]
-    x = torch.randn(args.batch, 3, config.img_size, config.img_size).contiguous(
-        memory_format=torch.channels_last
-    )
-    print("\n| tasks | separate images/s | shared images/s | shared / separate |")
-    print("|---|---|---|---|")
-    for n in (1, 2, 3):
-        sep = images_per_second(alone[:n], x, args.repeats)
-        sha = images_per_second([_first_heads(joint, n)], x, args.repeats)
-        print(f"| {n} | {sep:.0f} | {sha:.0f} | {sha / sep:.2f} |")
+    inference_table(separate, shared, config.img_size, args.batch, args.repeats)
 
 
 def _first_heads(joint: MultiHeadNet, n: int) -> MultiHeadNet:

@@ -16,6 +16,8 @@ import dagster as dg
 from assets import automation
 from assets.factory import build_leaderboard, build_task_assets, task_key
 from assets.resources import default_resources
+from assets.shared import build_group_model, group_model_key
+from mtmc_pipeline.data.groups import read_groups
 from mtmc_pipeline.data.layout import DataRootError, discover_tasks
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,7 @@ PRELOAD = [
     __name__,
     "dagster._core.storage.sqlite_storage",
     "mtmc_pipeline.stages.training",
+    "mtmc_pipeline.stages.shared",
     "mtmc_pipeline.stages.reporting",
 ]
 
@@ -49,9 +52,11 @@ def build_definitions(
         root_problem = f"MTMC_DATA_ROOT: {e}"
         log.warning("%s; the code location has no task assets", root_problem)
         tasks = []
-    assets: list = []
+    groups = read_groups(root, tasks)
+    model_keys = {t: group_model_key(g) for g in groups for t in g.tasks}
+    assets: list = [build_group_model(g, root) for g in groups]
     for task in tasks:
-        assets.extend(build_task_assets(task, root))
+        assets.extend(build_task_assets(task, root, model_keys.get(task)))
     assets.append(build_leaderboard(tasks, root_problem))
     raw_keys = [dg.AssetKey([task_key(t), "raw_images"]) for t in tasks]
     schedules = [automation.nightly_schedule()]

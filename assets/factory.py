@@ -133,11 +133,18 @@ def _events(key: dg.AssetKey, stage: str, result: stages.StageResult) -> Iterato
         yield check_result(key, name, outcome)
 
 
-def build_task_assets(task: str, data_root: Path) -> list[Any]:
-    """The assets of one task folder (plus their checks)."""
+def build_task_assets(
+    task: str, data_root: Path, model_key: dg.AssetKey | None = None
+) -> list[Any]:
+    """The assets of one task folder (plus their checks).
+
+    ``model_key``: the shared-backbone asset that writes this task's model (the task then has
+    no ``model`` asset of its own).
+    """
     tk = task_key(task)
     task_dir = data_root / task
     keys = {stage: dg.AssetKey([tk, stage]) for stage in STAGES}
+    keys["model"] = model_key or keys["model"]
     tags = {"task": tk}
 
     def spec_kwargs(stage: str, upstream: list[str]) -> dict[str, Any]:
@@ -270,13 +277,14 @@ def build_task_assets(task: str, data_root: Path) -> list[Any]:
         task, task_dir, spec_kwargs("export", ["calibration"]), export_events
     )
 
+    own_model = [] if model_key else [model]
     return [
         raw_images,
         inventory,
         integrity,
         splits,
         sampling_weights,
-        model,
+        *own_model,
         evaluation,
         calibration,
         build_label_issues(task, task_dir, spec_kwargs("label_issues", ["splits"])),

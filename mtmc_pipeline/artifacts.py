@@ -118,6 +118,11 @@ def leaderboard_path(root: Path) -> Path:
     return root / "summary" / "leaderboard.parquet"
 
 
+def group_dir(root: Path, group: str) -> Path:
+    """``<root>/shared/<group>``: a shared-backbone group's joint bundle is its ``model/``."""
+    return safe_child(root / "shared", group)
+
+
 STALE_TEMP_SECONDS = 600
 
 

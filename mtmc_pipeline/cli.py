@@ -47,6 +47,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from mtmc_pipeline.serving.predict import Predictor, expand_inputs
     from mtmc_pipeline.training.models import MODEL_FILE
 
+    if args.group:
+        return _predict_group(args)
     art = TaskArtifacts(Path(args.artifacts), args.task)
     out = Path(args.out)
     problem = None
@@ -98,6 +100,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     print(f"serving the exports under {args.artifacts} on http://{args.host}:{args.port}")
     serve(Path(args.artifacts), args.host, args.port, settings)
+    return 0
+
+
+def _predict_group(args: argparse.Namespace) -> int:
+    """``--group``: every member task of a shared-backbone group, one forward pass per batch."""
+    from mtmc_pipeline.artifacts import UnsafePathError, group_dir
+    from mtmc_pipeline.runtime import resolve_runtime
+    from mtmc_pipeline.serving.group_predict import GroupPredictor
+    from mtmc_pipeline.serving.predict import expand_inputs
+
+    out = Path(args.out)
+    try:
+        if out.suffix not in (".csv", ".parquet"):
+            raise ValueError(f"--out {out}: use a .csv or .parquet file name")
+        joint = group_dir(Path(args.artifacts), args.group) / "model" / "model.json"
+        if not joint.is_file():
+            raise ValueError(f"no trained shared model for group {args.group!r} at {joint.parent}")
+        predictor = GroupPredictor(Path(args.artifacts), args.group, resolve_runtime(args.device))
+        df = predictor.predict(expand_inputs(args.inputs), args.min_precision, args.batch_size)
+    except (ValueError, UnsafePathError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_table(df, out)
+    images = df["path"].nunique()
+    print(
+        f"{len(df)} predictions ({images} images x {len(predictor.tasks)} tasks: "
+        f"{', '.join(predictor.tasks)}) written to {out}"
+    )
     return 0
 
 
@@ -185,7 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="classify images with calibrated confidences")
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--task", required=True, help="task name (folder under the artifact root)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--task", help="task name (folder under the artifact root)")
+    which.add_argument(
+        "--group", help="shared-backbone group (mtmc.yaml): all its tasks in one pass per image"
+    )
     p.add_argument("--out", required=True, help="output .csv or .parquet")
     p.add_argument(
         "--min-precision",

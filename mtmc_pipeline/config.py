@@ -133,6 +133,31 @@ class SamplingConfig(_Section):
         "labels' class weights.",
     )
 
+    adaptive: bool = Field(
+        False,
+        description="Every adaptive_period epochs, re-set each class's share of the draws"
+        " to adaptive_min + (1 - its validation adaptive_metric) * "
+        "(adaptive_max - adaptive_min) (MTMC-Pytorch's balancing).",
+    )
+    adaptive_period: int = Field(20, ge=1, description="adaptive: epochs between re-sets.")
+    adaptive_metric: Literal["recall", "precision"] = Field(
+        "recall",
+        description="adaptive: per-class validation metric; recall draws more of the classes "
+        "the model misses (low precision means a class is over-predicted).",
+    )
+    adaptive_min: float = Field(
+        1.0, gt=0, description="adaptive: M, the draw weight of a class at metric 1."
+    )
+    adaptive_max: float | None = Field(
+        None, gt=0, description="adaptive: N, the draw weight of a class at metric 0 (none: 2M)."
+    )
+
+    @model_validator(mode="after")
+    def _adaptive_bounds_ordered(self) -> SamplingConfig:
+        if self.adaptive_max is not None and self.adaptive_max < self.adaptive_min:
+            raise ValueError("adaptive_max must be at least adaptive_min")
+        return self
+
 
 AUTO = "auto"
 Auto = Literal["auto"]

@@ -74,6 +74,27 @@ def decode_image(path: Path, pre: Preprocess) -> np.ndarray | str:
         return f"{type(e).__name__}: {e}"
 
 
+def decoded_batches(
+    paths: Iterable[Path], pre: Preprocess, batch_size: int, threads: int
+) -> Iterator[tuple[tuple[Path, ...], list[np.ndarray | str]]]:
+    """Batches of paths with their decoded images (or why not); a thread pool decodes the
+    next batch while the caller runs the model on this one."""
+    chunks = _batches(paths, batch_size)
+    with ThreadPoolExecutor(threads) as pool:
+
+        def submit(chunk: tuple[Path, ...] | None) -> list[Future[np.ndarray | str]]:
+            return [pool.submit(decode_image, p, pre) for p in chunk or ()]
+
+        chunk = next(chunks, None)
+        pending = submit(chunk)
+        while chunk:
+            decoded = [f.result() for f in pending]
+            following = next(chunks, None)
+            pending = submit(following)
+            yield chunk, decoded
+            chunk = following
+
+
 class Predictor:
     """A loaded model + calibrator for one task (``<artifacts>/<task>``)."""
 
@@ -150,20 +171,9 @@ class Predictor:
                 "materialize the task's calibration again"
             )
         rows: list[dict[str, object]] = []
-        chunks = _batches(paths, batch_size or self.runtime.inference_batch_size)
-        with ThreadPoolExecutor(self.decode_threads) as pool:
-
-            def submit(chunk: tuple[Path, ...] | None) -> list[Future[np.ndarray | str]]:
-                return [pool.submit(decode_image, p, self.pre) for p in chunk or ()]
-
-            chunk = next(chunks, None)
-            pending = submit(chunk)
-            while chunk:
-                decoded = [f.result() for f in pending]
-                following = next(chunks, None)
-                pending = submit(following)
-                rows += self._rows(chunk, decoded, min_precision, use_lower_bound)
-                chunk = following
+        size = batch_size or self.runtime.inference_batch_size
+        for chunk, decoded in decoded_batches(paths, self.pre, size, self.decode_threads):
+            rows += self._rows(chunk, decoded, min_precision, use_lower_bound)
         return pd.DataFrame(rows, columns=list(COLUMNS))
 
     def _rows(

@@ -26,6 +26,7 @@ CODE_VERSIONS: dict[str, str] = {
     "splits": "1",
     "sampling_weights": "1",
     "model": "2",
+    "shared_model": "1",
     "evaluation": "1",
     "calibration": "1",
     "label_issues": "1",

@@ -351,7 +351,8 @@ def run_sampling(art: TaskArtifacts, config: SamplingConfig) -> StageResult:
         combine = multilabel_sampling_weights if is_multilabel(manifest) else sampling_weights
         weights, table = combine(manifest, classes, config)
         af.write_parquet(art.class_weights, table, fp)
-        af.write_parquet(art.sampling_weights, weights, fp, meta={"strategy": config.strategy})
+        meta = {"strategy": config.strategy, "sampling": config.model_dump()}
+        af.write_parquet(art.sampling_weights, weights, fp, meta=meta)
     shares = table.set_index("class_name")[["share_before", "expected_share"]]
     shares.columns = ["before (share of train images)", f"after ({config.strategy})"]
     md = {

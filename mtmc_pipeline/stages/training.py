@@ -22,7 +22,7 @@ import pandas as pd
 
 from mtmc_pipeline import artifacts as af
 from mtmc_pipeline.artifacts import TaskArtifacts, stored_fingerprint
-from mtmc_pipeline.config import TrainConfig
+from mtmc_pipeline.config import SamplingConfig, TrainConfig
 from mtmc_pipeline.data.multilabel_splits import is_multilabel
 from mtmc_pipeline.data.splits import read_manifest
 from mtmc_pipeline.plots import history_png
@@ -39,12 +39,18 @@ from mtmc_pipeline.training import distributed
 from mtmc_pipeline.training.checkpoint import Checkpoint
 from mtmc_pipeline.training.distributed import SINGLE, Distributed
 from mtmc_pipeline.training.models import MODEL_FILE, find_pretrained, save_bundle
+from mtmc_pipeline.training.multitask import TaskData, train_as_group_of_one
 from mtmc_pipeline.training.recipe import DataProfile, DeviceProfile, Recipe, resolve_recipe
 from mtmc_pipeline.training.train import train_model
 
 CHECKPOINT_FILE = "model-checkpoint.safetensors"
 HISTORY_FILE = "history.parquet"
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr"]
+
+
+def sampling_config(art: TaskArtifacts) -> SamplingConfig:
+    """The sampling settings the task's sampling weights were made with."""
+    return SamplingConfig.model_validate(af.parquet_meta(art.sampling_weights).get("sampling", {}))
 
 
 def run_training(
@@ -78,19 +84,33 @@ def run_training(
             class_weight = table["class_weight"].tolist()
         log(f"training {config.model} on {runtime.describe()} for task {art.task!r}")
         checkpoint = Checkpoint(art.work_dir / CHECKPOINT_FILE, fp)
-        result = train_model(
-            manifest,
-            classes,
-            weights,
-            task_dir,
-            art.work_dir / "cache",
-            config,
-            runtime,
-            log,
-            checkpoint,
-            class_weight,
-            dist,
-        )
+        sampling = sampling_config(art)
+        if sampling.adaptive:  # adaptive balancing is the multi-task loop's: a group of one
+            task = TaskData(
+                art.task,
+                manifest,
+                classes,
+                weights,
+                task_dir,
+                art.work_dir / "cache",
+                sampling,
+                class_weight=class_weight,
+            )
+            result = train_as_group_of_one(task, config, runtime, log, checkpoint)
+        else:
+            result = train_model(
+                manifest,
+                classes,
+                weights,
+                task_dir,
+                art.work_dir / "cache",
+                config,
+                runtime,
+                log,
+                checkpoint,
+                class_weight,
+                dist,
+            )
         info = {
             "arch": config.model,
             "class_names": classes,
@@ -185,11 +205,18 @@ def task_recipe(
     log: Callable[[str], None] = print,
 ) -> Recipe:
     """The resolved training settings of a task on this runtime."""
-    integrity = af.read_parquet(art.integrity, columns=["relpath", "width", "height", "mode"])
-    data = DataProfile.from_manifests(integrity, manifest, num_classes)
     return resolve_recipe(
-        config, data, DeviceProfile.from_runtime(runtime), lambda m: find_pretrained(m, log)
+        config,
+        data_profile(art, manifest, num_classes),
+        DeviceProfile.from_runtime(runtime),
+        lambda m: find_pretrained(m, log),
     )
+
+
+def data_profile(art: TaskArtifacts, manifest: pd.DataFrame, num_classes: int) -> DataProfile:
+    """What the recipe reads of a task's data: its train images' sizes and modes."""
+    integrity = af.read_parquet(art.integrity, columns=["relpath", "width", "height", "mode"])
+    return DataProfile.from_manifests(integrity, manifest, num_classes)
 
 
 def recipe_table(recipe: dict[str, dict[str, object]], plan: str) -> Markdown:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -63,6 +64,18 @@ class DataProfile:
             num_classes=num_classes,
             train_images=len(train),
             min_per_class=int(per_class.min()) if len(per_class) else 0,
+        )
+
+    @classmethod
+    def combined(cls, profiles: list[DataProfile]) -> DataProfile:
+        """The profile of several tasks trained together (a shared backbone): their images
+        pooled, the most classes any head has, the rarest class of any task."""
+        return cls(
+            median_side=int(np.median([p.median_side for p in profiles])),
+            grey=all(p.grey for p in profiles),
+            num_classes=max(p.num_classes for p in profiles),
+            train_images=sum(p.train_images for p in profiles),
+            min_per_class=min(p.min_per_class for p in profiles),
         )
 
 

@@ -255,6 +255,21 @@ class _Parts:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
 
 
+def resume(
+    parts: _Parts, checkpoint: Checkpoint | None, config: TrainConfig, log: Log
+) -> dict[str, Any] | None:
+    """Restore ``parts`` from ``checkpoint`` when it was made from the same inputs; the saved
+    loop state (epoch, updates, history, best epoch...), or None to start afresh."""
+    saved, why = checkpoint.load() if checkpoint is not None else (None, "")
+    if saved is not None:
+        parts.restore(saved)
+        parts.schedule.step_update(saved["updates"])
+        log(f"resuming from the checkpoint after epoch {saved['epoch']}/{config.epochs}")
+    elif checkpoint is not None and why != "no checkpoint":
+        log(f"starting afresh: {why}")
+    return saved
+
+
 def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
@@ -369,17 +384,12 @@ def train_model(
     best_value, best_epoch, best_state = -np.inf, -1, None
     best_metrics: dict[str, float] = {}
     start_epoch, updates = 0, 0
-    saved, why = checkpoint.load() if checkpoint is not None else (None, "")
+    saved = resume(parts, checkpoint, config, log)
     if saved is not None:
-        parts.restore(saved)
         start_epoch, updates, history = saved["epoch"], saved["updates"], saved["history"]
         best_value, best_epoch = saved["best_value"], saved["best_epoch"]
         best_metrics, best_state = saved["best_metrics"], saved["best_state"]
-        schedule.step_update(updates)  # a compressed schedule comes back with its state
         end_epoch, plan, planner = saved["epochs_planned"], saved["plan"], None
-        log(f"resuming from the checkpoint after epoch {start_epoch}/{end_epoch}")
-    elif checkpoint is not None and why != "no checkpoint":
-        log(f"starting afresh: {why}")
 
     if history and _stalled(history, best_epoch, config):
         end_epoch = start_epoch  # the killed run had already stopped early

@@ -1,0 +1,187 @@
+"""Shared backbone against separate models, in one run on the demo data.
+
+Three tasks: ``digits`` and ``pattern`` from the demo, and ``parity``, the digits images again
+labelled even / odd. Each is trained alone with its demo recipe, and the three are trained as
+one group (one backbone, three heads) with one recipe; every model is then evaluated by the
+pipeline's evaluation stage. Reported: per-task accuracy, total training time, and model
+images/s for N tasks, shared (one backbone pass, N heads) against separate (N passes).
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/shared_backbone.py --out /tmp/shared-bench
+
+``--quick``, ``--max-epochs`` and ``--model`` shrink the run for a busy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from mtmc_pipeline import artifacts as af
+from mtmc_pipeline import stages
+from mtmc_pipeline.artifacts import TaskArtifacts, group_dir
+from mtmc_pipeline.config import TrainConfig, load_task_config
+from mtmc_pipeline.data.groups import SharedGroup
+from mtmc_pipeline.data.splits import read_manifest
+from mtmc_pipeline.demo import write_demo, write_digits, write_pattern
+from mtmc_pipeline.runtime import resolve_runtime
+from mtmc_pipeline.stages.reporting import run_evaluation
+from mtmc_pipeline.stages.shared import group_train_config, run_shared_training
+from mtmc_pipeline.stages.training import run_training
+from mtmc_pipeline.training.models import load_bundle
+from mtmc_pipeline.training.multitask import MultiHeadNet, load_joint_bundle
+
+TASKS = ["digits", "pattern", "parity"]
+# the group's recipe: the demo's resnet10t at 32 px, no flips (digits), pattern's batch size
+GROUP_TRAIN = {"epochs": 8, "batch_size": 32, "patience": 6}
+
+
+def write_data(root: Path, quick: bool, recipe: dict) -> None:
+    if quick:  # 30 digits per class; pattern at about a third of its size
+        write_digits(root / "digits", 30)
+        write_pattern(root / "pattern", (60, 40, 30, 20, 15), (15, 10, 8, 6, 5))
+    else:
+        write_demo(root)
+    parity = root / "parity"
+    for digit in range(10):
+        dst = parity / ("even" if digit % 2 == 0 else "odd")
+        dst.mkdir(parents=True, exist_ok=True)
+        for src in (root / "digits" / str(digit)).glob("*.png"):
+            shutil.copy2(src, dst / f"{digit}_{src.name}")
+    shutil.copy2(root / "digits" / "task.yaml", parity / "task.yaml")
+    for task in TASKS:  # the demo recipes, capped by the command line
+        path = root / task / "task.yaml"
+        sections = yaml.safe_load(path.read_text("utf-8"))
+        train = sections["train"]
+        train["epochs"] = min(train["epochs"], recipe.get("epochs", train["epochs"]))
+        train.update({k: v for k, v in recipe.items() if k != "epochs"})
+        path.write_text(yaml.safe_dump(sections, allow_unicode=True), "utf-8")
+
+
+def prepare(data: Path, root: Path) -> None:
+    for task in TASKS:
+        cfg = load_task_config(data / task)
+        art = TaskArtifacts(root, task)
+        stages.run_inventory(data / task, art, cfg.scan)
+        stages.run_integrity(data / task, art, cfg.integrity)
+        stages.run_splits(art, cfg.split)
+        stages.run_sampling(art, cfg.sampling)
+
+
+def cross_task_leaks(root: Path) -> int:
+    """Images in one task's val split that another task trains on (same bytes)."""
+    manifests = {t: read_manifest(TaskArtifacts(root, t).splits)[0] for t in TASKS}
+    leaks = 0
+    for t, m in manifests.items():
+        val = set(m.loc[m["split"] == "val", "content_hash"])
+        for other, o in manifests.items():
+            if other != t:
+                leaks += len(val & set(o.loc[o["split"] == "train", "content_hash"]))
+    return leaks
+
+
+def accuracy(data: Path, root: Path, task: str, runtime) -> float:
+    art = TaskArtifacts(root, task)
+    run_evaluation(data / task, art, load_task_config(data / task).evaluation, runtime)
+    return af.read_json(art.evaluation_dir / "metrics.json")["accuracy"]
+
+
+def best_seconds(
+    runs: dict[str, list[torch.nn.Module]], x: torch.Tensor, repeats: int
+) -> dict[str, float]:
+    """Best time of each entry's models over ``repeats`` rounds, the entries interleaved in
+    every round so that a change of machine load hits all of them alike."""
+    best = dict.fromkeys(runs, np.inf)
+    with torch.no_grad():
+        for _ in range(repeats + 1):  # the first round warms up
+            for name, models in runs.items():
+                t0 = time.perf_counter()
+                for m in models:
+                    m(x)
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def inference_table(separate: Path, shared: Path, img_size: int, batch: int, repeats: int) -> None:
+    joint, _ = load_joint_bundle(group_dir(shared, "demo") / "model")
+    alone = [load_bundle(TaskArtifacts(separate, t).model_dir)[0] for t in TASKS]
+    x = torch.randn(batch, 3, img_size, img_size).contiguous(memory_format=torch.channels_last)
+    print("\n| tasks | separate images/s | shared images/s | shared / separate |")
+    print("|---|---|---|---|")
+    for n in (1, 2, 3):
+        runs = {"separate": alone[:n], "shared": [_first_heads(joint, n)]}
+        best = best_seconds(runs, x, repeats)
+        sep, sha = batch / best["separate"], batch / best["shared"]
+        print(f"| {n} | {sep:.0f} | {sha:.0f} | {sha / sep:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="scratch folder (emptied)")
+    parser.add_argument("--batch", type=int, default=64, help="inference batch size")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="a third of the demo's images")
+    parser.add_argument("--max-epochs", type=int, help="cap every recipe's epochs")
+    parser.add_argument("--model", help="another timm model for every task and the group")
+    parser.add_argument(
+        "--inference-only", action="store_true", help="time the models of a previous run in --out"
+    )
+    args = parser.parse_args()
+    if args.inference_only:
+        separate, shared = args.out / "separate", args.out / "shared"
+        info = af.read_json(group_dir(shared, "demo") / "model" / "model.json")
+        inference_table(separate, shared, info["img_size"], args.batch, args.repeats)
+        return
+    recipe = {k: v for k, v in (("epochs", args.max_epochs), ("model", args.model)) if v}
+    shutil.rmtree(args.out, ignore_errors=True)
+    data, separate, shared = args.out / "data", args.out / "separate", args.out / "shared"
+    write_data(data, args.quick, recipe)
+    prepare(data, separate)
+    shutil.copytree(separate, shared)
+    runtime = resolve_runtime("cpu")
+    print(f"cross-task leaks (val image trained on by another task): {cross_task_leaks(separate)}")
+
+    seconds: dict[str, float] = {}
+    for task in TASKS:
+        cfg = load_task_config(data / task).train
+        t0 = time.perf_counter()
+        run_training(data / task, TaskArtifacts(separate, task), cfg, runtime, lambda _: None)
+        seconds[task] = time.perf_counter() - t0
+        print(f"separate {task}: {seconds[task]:.1f} s")
+    group_train = {**GROUP_TRAIN, "epochs": min(GROUP_TRAIN["epochs"], args.max_epochs or 99)}
+    group = SharedGroup(name="demo", tasks=TASKS, train=group_train)
+    config: TrainConfig = group_train_config(group, data)
+    t0 = time.perf_counter()
+    run_shared_training(group, data, shared, config, runtime, print)
+    shared_seconds = time.perf_counter() - t0
+
+    print("\n| task | separate accuracy | shared accuracy | separate epochs | shared epochs |")
+    print("|---|---|---|---|---|")
+    joint_info = af.read_json(group_dir(shared, "demo") / "model" / "model.json")
+    for task in TASKS:
+        a = accuracy(data, separate, task, runtime)
+        b = accuracy(data, shared, task, runtime)
+        ea = af.read_json(TaskArtifacts(separate, task).model_dir / "model.json")["epochs_run"]
+        print(f"| {task} | {a:.4f} | {b:.4f} | {ea} | {joint_info['epochs_run']} |")
+    total = sum(seconds.values())
+    print(
+        f"\ntraining time (stage wall s, cache decoding included): separate {total:.1f} "
+        f"({', '.join(f'{t} {s:.1f}' for t, s in seconds.items())}), shared {shared_seconds:.1f} "
+        f"({shared_seconds / total:.2f}x)"
+    )
+
+    inference_table(separate, shared, config.img_size, args.batch, args.repeats)
+
+
+def _first_heads(joint: MultiHeadNet, n: int) -> MultiHeadNet:
+    """The joint model with only its first ``n`` heads (N tasks from one backbone pass)."""
+    return MultiHeadNet(joint.backbone, list(joint.heads)[:n]).eval()
+
+
+if __name__ == "__main__":
+    main()

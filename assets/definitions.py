@@ -54,9 +54,7 @@ def build_definitions(
         assets.extend(build_task_assets(task, root))
     assets.append(build_leaderboard(tasks, root_problem))
     raw_keys = [dg.AssetKey([task_key(t), "raw_images"]) for t in tasks]
-    schedules = [automation.nightly_schedule()]
-    if raw_keys:
-        schedules.append(automation.observe_schedule(raw_keys))
+    schedules = [automation.observe_schedule(raw_keys)] if raw_keys else []
     max_concurrent = int(os.environ.get("MTMC_MAX_CONCURRENT", str(os.cpu_count() or 1)))
     return dg.Definitions(
         assets=assets,

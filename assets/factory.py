@@ -8,6 +8,7 @@ Each asset resolves its configuration section, calls one function of
 import contextlib
 import hashlib
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import dagster as dg
 from anyascii import anyascii
 
-from assets.automation import RETRAIN
+from assets.automation import retrain_condition
 from assets.config import (
     CalibrationOverrides,
     EvaluationOverrides,
@@ -127,6 +128,7 @@ def build_task_assets(task: str, data_root: Path) -> list[Any]:
     task_dir = data_root / task
     keys = {stage: dg.AssetKey([tk, stage]) for stage in STAGES}
     tags = {"task": tk}
+    condition = retrain_condition()
 
     def spec_kwargs(stage: str, upstream: list[str]) -> dict[str, Any]:
         return {
@@ -134,7 +136,7 @@ def build_task_assets(task: str, data_root: Path) -> list[Any]:
             "deps": [keys[u] for u in upstream],
             "group_name": tk,
             "code_version": stages.CODE_VERSIONS[stage],
-            "automation_condition": RETRAIN,
+            "automation_condition": condition,
             "tags": tags,
             "check_specs": [
                 dg.AssetCheckSpec(name, asset=keys[stage], blocking=blocking, description=desc)
@@ -146,13 +148,25 @@ def build_task_assets(task: str, data_root: Path) -> list[Any]:
         cfg: TaskConfig = load_task_config(task_dir, {section: overrides_of(config)})
         return getattr(cfg, section)
 
-    @dg.observable_source_asset(
-        key=keys["raw_images"],
-        group_name=tk,
-        tags=tags,
-        description=f"The image files under `{task_dir}` (never modified). Data version: "
-        "fingerprint of every file's (path, size, mtime) and of task.yaml.",
-    )
+    with warnings.catch_warnings():
+        # AssetSpec-based observation replaces the deprecated SourceAsset that
+        # @observable_source_asset builds; Dagster 1.13 (pinned <1.14) still marks it beta
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        observation = dg.multi_observable_source_asset(
+            name=f"{tk}__raw_images",
+            specs=[
+                dg.AssetSpec(
+                    keys["raw_images"],
+                    group_name=tk,
+                    tags=tags,
+                    kinds={"folder"},
+                    description=f"The image files under `{task_dir}` (never modified). Data "
+                    "version: fingerprint of every file's (path, size, mtime) and of task.yaml.",
+                )
+            ],
+        )
+
+    @observation
     def raw_images() -> dg.ObserveResult:
         with user_errors(task_dir):
             scan = load_task_config(task_dir).scan
@@ -274,7 +288,7 @@ def build_leaderboard(tasks: list[str], root_problem: str | None = None) -> dg.A
         deps=deps,
         group_name="summary",
         code_version=stages.CODE_VERSIONS["leaderboard"],
-        automation_condition=RETRAIN,
+        automation_condition=retrain_condition(),
         description="One row per task: data counts, model, metrics, calibration, when trained.",
     )
     def leaderboard(artifacts: ArtifactStore) -> dg.MaterializeResult:

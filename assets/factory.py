@@ -7,6 +7,7 @@ Each asset resolves its configuration section, calls one function of
 
 import contextlib
 import hashlib
+import os
 import re
 import warnings
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from assets.config import (
     TrainOverrides,
     overrides_of,
 )
+from assets.deployment import training_op_tags
 from assets.metadata import check_result, stage_metadata
 from assets.resources import ArtifactStore, TorchDevice
 from mtmc_pipeline import stages
@@ -46,6 +48,15 @@ STAGES = (
     "evaluation",
     "calibration",
 )
+KINDS = {  # the icons the UI shows: what each stage's output is
+    "inventory": {"parquet"},
+    "integrity": {"parquet"},
+    "splits": {"parquet"},
+    "sampling_weights": {"parquet"},
+    "model": {"pytorch", "safetensors"},
+    "evaluation": {"pytorch", "parquet"},
+    "calibration": {"parquet"},
+}
 _VALID = re.compile(r"^[A-Za-z0-9_]+$")
 USER_ERRORS = (
     ConfigError,
@@ -100,6 +111,16 @@ CHECKS: dict[str, list[tuple[str, bool, str]]] = {
 }
 
 
+def asset_owners() -> list[str]:
+    """``MTMC_OWNERS``: comma-separated emails or ``team:name``, shown on every asset."""
+    given = os.environ.get("MTMC_OWNERS", "")
+    owners = [o.strip() for o in given.split(",") if o.strip()]
+    for owner in owners:
+        if not (owner.startswith("team:") or re.fullmatch(r"[^@\s]+@[^@\s]+", owner)):
+            raise ConfigError(f"MTMC_OWNERS={given!r}: {owner!r} is neither an email nor team:name")
+    return owners
+
+
 @contextlib.contextmanager
 def user_errors(task_dir: Path) -> Iterator[None]:
     """Turn problems with the user's data or settings into a clean failure message."""
@@ -116,8 +137,10 @@ def _events(key: dg.AssetKey, stage: str, result: stages.StageResult) -> Iterato
         metadata=stage_metadata(result),
     )
     for name, _, _ in CHECKS.get(stage, []):
+        # a check that does not apply is not "passed": a warning that says so (an @asset must
+        # yield every check it declares; only blocking checks' errors stop anything)
         outcome = result.checks.get(name) or stages.CheckOutcome(
-            True, "not applicable to this task's data or settings", "warn"
+            False, "not applicable to this task's data or settings: not evaluated", "warn"
         )
         yield check_result(key, name, outcome)
 
@@ -129,6 +152,7 @@ def build_task_assets(task: str, data_root: Path) -> list[Any]:
     keys = {stage: dg.AssetKey([tk, stage]) for stage in STAGES}
     tags = {"task": tk}
     condition = retrain_condition()
+    owners = asset_owners()
 
     def spec_kwargs(stage: str, upstream: list[str]) -> dict[str, Any]:
         return {
@@ -138,6 +162,8 @@ def build_task_assets(task: str, data_root: Path) -> list[Any]:
             "code_version": stages.CODE_VERSIONS[stage],
             "automation_condition": condition,
             "tags": tags,
+            "kinds": KINDS[stage],
+            "owners": owners,
             "check_specs": [
                 dg.AssetCheckSpec(name, asset=keys[stage], blocking=blocking, description=desc)
                 for name, blocking, desc in CHECKS.get(stage, [])
@@ -145,7 +171,9 @@ def build_task_assets(task: str, data_root: Path) -> list[Any]:
         }
 
     def resolve(section: str, config: dg.Config) -> Any:
-        cfg: TaskConfig = load_task_config(task_dir, {section: overrides_of(config)})
+        # train.model is checked when the model is built: checking it imports torch
+        overrides = {section: overrides_of(config)}
+        cfg: TaskConfig = load_task_config(task_dir, overrides, check_model=False)
         return getattr(cfg, section)
 
     with warnings.catch_warnings():
@@ -160,6 +188,7 @@ def build_task_assets(task: str, data_root: Path) -> list[Any]:
                     group_name=tk,
                     tags=tags,
                     kinds={"folder"},
+                    owners=owners,
                     description=f"The image files under `{task_dir}` (never modified). Data "
                     "version: fingerprint of every file's (path, size, mtime) and of task.yaml.",
                 )
@@ -169,7 +198,7 @@ def build_task_assets(task: str, data_root: Path) -> list[Any]:
     @observation
     def raw_images() -> dg.ObserveResult:
         with user_errors(task_dir):
-            scan = load_task_config(task_dir).scan
+            scan = load_task_config(task_dir, check_model=False).scan
             version, md = stages.observe_raw(task_dir, scan)
         return dg.ObserveResult(data_version=dg.DataVersion(version), metadata=md)
 
@@ -210,7 +239,7 @@ def build_task_assets(task: str, data_root: Path) -> list[Any]:
     @dg.asset(
         **spec_kwargs("model", ["splits", "sampling_weights"]),
         pool="gpu",
-        kinds={"pytorch"},
+        op_tags=training_op_tags(),
         description="A timm classifier trained on the train split; best epoch on val.",
     )
     def model(
@@ -226,7 +255,7 @@ def build_task_assets(task: str, data_root: Path) -> list[Any]:
                 task_dir,
                 artifacts.task(task),
                 resolve("train", config),
-                torch_device.runtime(),
+                torch_device.settings(Path(context.instance.root_directory) / "gpu-leases"),
                 context.log.info,
             )
         yield from _events(keys["model"], "model", result)
@@ -247,7 +276,7 @@ def build_task_assets(task: str, data_root: Path) -> list[Any]:
                 task_dir,
                 artifacts.task(task),
                 resolve("evaluation", config),
-                torch_device.runtime(),
+                torch_device.settings(),
             )
         yield from _events(keys["evaluation"], "evaluation", result)
 
@@ -287,6 +316,8 @@ def build_leaderboard(tasks: list[str], root_problem: str | None = None) -> dg.A
         key=dg.AssetKey(["summary", "leaderboard"]),
         deps=deps,
         group_name="summary",
+        kinds={"parquet"},
+        owners=asset_owners(),
         code_version=stages.CODE_VERSIONS["leaderboard"],
         automation_condition=retrain_condition(),
         description="One row per task: data counts, model, metrics, calibration, when trained.",

@@ -4,7 +4,9 @@ Runs the CI command ``dagster asset materialize -m assets.definitions --select '
 demo data in a fresh instance and artifact root:
 
 1. the first run (everything computed);
-2. the same command again with nothing changed (median of ``--repeats`` runs);
+2. the same command again with nothing changed (median of ``--repeats`` runs), interleaved
+   with a no-op Dagster graph of the same shape through the same CLI and executor
+   (``benchmarks/noop_graph.py``): the rerun's overhead is the ratio of the two;
 3. after adding ``--images`` new images to one task, once per task.
 
 Each run is timed as a whole process (start-up included, as a CI job sees it), and the
@@ -29,7 +31,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import dagster as dg
-from dagster._core.events import DagsterEventType
 from PIL import Image, UnidentifiedImageError
 
 from mtmc_pipeline.demo import write_demo
@@ -61,7 +62,7 @@ class Bench:
         self.home.mkdir(parents=True)
         shutil.copy(REPO / ".dagster" / "dagster.yaml", self.home / "dagster.yaml")
 
-    def materialize(self) -> tuple[float, dict[str, Step]]:
+    def materialize(self, module: str = "assets.definitions") -> tuple[float, dict[str, Step]]:
         """Wall seconds of the CI command, and what each asset's step did."""
         env = {
             **os.environ,
@@ -69,22 +70,24 @@ class Bench:
             "MTMC_DATA_ROOT": str(self.data),
             "MTMC_ARTIFACTS": str(self.artifacts),
         }
-        cmd = [str(DAGSTER), "asset", "materialize", "-m", "assets.definitions", "--select", "*"]
+        cmd = [str(DAGSTER), "asset", "materialize", "-m", module, "--select", "*"]
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - start
         if proc.returncode != 0:
             sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-        return seconds, self.last_run()
+        return seconds, self.last_run() if module == "assets.definitions" else {}
 
     def last_run(self) -> dict[str, Step]:
         """From the instance's records: each materialisation's ``reused`` and ``elapsed_s``."""
         with dg.DagsterInstance.from_config(str(self.home)) as instance:
             [run] = instance.get_runs(limit=1)
-            events = instance.all_logs(run.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION)
+            events = instance.all_logs(
+                run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+            )
         out = {}
         for e in events:
-            mat = e.dagster_event.event_specific_data.materialization
+            mat = e.asset_materialization
             md = mat.metadata
             elapsed = md["elapsed_s"].value if "elapsed_s" in md else 0.0
             out[mat.asset_key.to_user_string()] = Step(bool(md["reused"].value), float(elapsed))
@@ -123,10 +126,15 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(("first run", first, recomputed(steps)))
         shares = {t: compute_seconds(steps, t) for t in tasks}
 
-        repeats = [bench.materialize() for _ in range(args.repeats)]
+        repeats, noop = [], []
+        for _ in range(args.repeats):  # interleaved: both see the same machine load
+            repeats.append(bench.materialize())
+            noop.append(bench.materialize("benchmarks.noop_graph")[0])
         changed = [recomputed(steps) for _, steps in repeats if recomputed(steps) != "none"]
         assert not changed, f"unchanged assets were recomputed: {changed}"
-        rows.append(("no change", statistics.median(s for s, _ in repeats), "none"))
+        no_change = statistics.median(s for s, _ in repeats)
+        rows.append(("no change", no_change, "none"))
+        rows.append(("no-op graph, same shape", statistics.median(noop), "(does nothing)"))
 
         for task in tasks:
             add_images(bench.data / task, args.images)
@@ -137,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|")
     for name, seconds, what in rows:
         print(f"| {name} | {seconds:.1f} | {seconds / first:.2f} | {what} |")
+    print(f"\nNo-change rerun / no-op graph: {no_change / statistics.median(noop):.2f}x")
     total = sum(shares.values())
     print("\nThe first run's compute (the steps' own elapsed_s, start-up excluded):")
     print(", ".join(f"{t} {s:.0f} s ({s / total:.0%})" for t, s in shares.items()))

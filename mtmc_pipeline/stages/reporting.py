@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from mtmc_pipeline import artifacts as af
-from mtmc_pipeline.artifacts import TaskArtifacts, stored_fingerprint
+from mtmc_pipeline.artifacts import MODEL_FILE, TaskArtifacts, stored_fingerprint
 from mtmc_pipeline.config import CalibrationConfig, EvaluationConfig
 from mtmc_pipeline.evaluation.calibrate import (
     CALIBRATOR_FILE,
@@ -19,8 +19,7 @@ from mtmc_pipeline.evaluation.calibrate import (
     RELIABILITY_PNG,
     calibrate,
 )
-from mtmc_pipeline.evaluation.evaluate import evaluate_model
-from mtmc_pipeline.runtime import Runtime
+from mtmc_pipeline.runtime import DeviceSettings
 from mtmc_pipeline.stages.common import (
     CheckOutcome,
     Markdown,
@@ -31,7 +30,6 @@ from mtmc_pipeline.stages.common import (
     stage_fingerprint,
     upstream_fingerprint,
 )
-from mtmc_pipeline.training.models import MODEL_FILE
 
 _LOCAL_PNG = re.compile(r"!\[([^\]]*)\]\(([^()/\\]+\.png)\)")
 
@@ -47,8 +45,9 @@ def embed_pngs(markdown: str, directory: Path) -> str:
 
 
 def run_evaluation(
-    task_dir: Path, art: TaskArtifacts, config: EvaluationConfig, runtime: Runtime
+    task_dir: Path, art: TaskArtifacts, config: EvaluationConfig, device: DeviceSettings
 ) -> StageResult:
+    """Evaluate the model, or reuse the stored results: torch is imported only to predict."""
     start = time.perf_counter()
     fp = stage_fingerprint(
         "evaluation",
@@ -59,9 +58,11 @@ def run_evaluation(
     out = art.evaluation_dir
     reused = stored_fingerprint(out / "metrics.json") == fp
     if not reused:
+        from mtmc_pipeline.evaluation.evaluate import evaluate_model
+
         manifest = af.read_parquet(art.splits)
         ev = evaluate_model(
-            art.model_dir, manifest, task_dir, art.work_dir / "cache", runtime, config
+            art.model_dir, manifest, task_dir, art.work_dir / "cache", device.resolve(), config
         )
         with af.atomic_dir(out) as tmp:
             af.write_json(tmp / "metrics.json", {**ev.metrics, "fingerprint": fp})

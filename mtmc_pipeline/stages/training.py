@@ -15,11 +15,11 @@ from pathlib import Path
 import pandas as pd
 
 from mtmc_pipeline import artifacts as af
-from mtmc_pipeline.artifacts import TaskArtifacts, stored_fingerprint
+from mtmc_pipeline.artifacts import MODEL_FILE, TaskArtifacts, stored_fingerprint
 from mtmc_pipeline.config import TrainConfig
 from mtmc_pipeline.data.splits import read_manifest
 from mtmc_pipeline.plots import history_png
-from mtmc_pipeline.runtime import Runtime
+from mtmc_pipeline.runtime import DeviceSettings
 from mtmc_pipeline.stages.common import (
     Png,
     StageResult,
@@ -27,9 +27,6 @@ from mtmc_pipeline.stages.common import (
     stage_fingerprint,
     upstream_fingerprint,
 )
-from mtmc_pipeline.training.checkpoint import Checkpoint
-from mtmc_pipeline.training.models import MODEL_FILE, save_bundle
-from mtmc_pipeline.training.train import train_model
 
 CHECKPOINT_FILE = "model-checkpoint.safetensors"
 HISTORY_FILE = "history.parquet"
@@ -40,40 +37,50 @@ def run_training(
     task_dir: Path,
     art: TaskArtifacts,
     config: TrainConfig,
-    runtime: Runtime,
+    device: DeviceSettings,
     log: Callable[[str], None] = print,
 ) -> StageResult:
+    """Train, or reuse the stored bundle: torch is imported only to train.
+
+    The fingerprint holds the *requested* precision (``auto`` stays ``auto``), so a bundle is
+    reused on any machine that asks for the same; ``model.json`` records what was used.
+    """
     start = time.perf_counter()
     fp = stage_fingerprint(
         "model",
         upstream_fingerprint(art.splits, "splits"),
         upstream_fingerprint(art.sampling_weights, "sampling_weights"),
         config.model_dump(),
-        runtime.precision,
+        device.precision,
     )
     model_json = art.model_dir / MODEL_FILE
     reused = stored_fingerprint(model_json) == fp
     if not reused:
+        from mtmc_pipeline.training.checkpoint import Checkpoint
+        from mtmc_pipeline.training.models import save_bundle
+        from mtmc_pipeline.training.train import train_model
+
         manifest, classes = read_manifest(art.splits)
         weights = af.read_parquet(art.sampling_weights)
         class_weight = None
         if config.class_weights:
             table = af.read_parquet(art.class_weights).sort_values("label")
             class_weight = table["class_weight"].tolist()
-        log(f"training {config.model} on {runtime.describe()} for task {art.task!r}")
-        checkpoint = Checkpoint(art.work_dir / CHECKPOINT_FILE, fp)
-        result = train_model(
-            manifest,
-            classes,
-            weights,
-            task_dir,
-            art.work_dir / "cache",
-            config,
-            runtime,
-            log,
-            checkpoint,
-            class_weight,
-        )
+        with device.acquire() as runtime:  # several GPUs: this training's own
+            log(f"training {config.model} on {runtime.describe()} for task {art.task!r}")
+            checkpoint = Checkpoint(art.work_dir / CHECKPOINT_FILE, fp)
+            result = train_model(
+                manifest,
+                classes,
+                weights,
+                task_dir,
+                art.work_dir / "cache",
+                config,
+                runtime,
+                log,
+                checkpoint,
+                class_weight,
+            )
         info = {
             "arch": config.model,
             "class_names": classes,

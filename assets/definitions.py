@@ -20,6 +20,7 @@ from assets.resources import default_resources
 from mtmc_pipeline.data.layout import DataRootError, discover_tasks
 
 log = logging.getLogger(__name__)
+STAGE_MODULES = ["mtmc_pipeline.stages.training", "mtmc_pipeline.stages.reporting"]
 
 
 def data_root() -> Path:
@@ -49,7 +50,8 @@ def build_definitions(
         schedules=schedules,
         sensors=[automation.automation_sensor(), automation.task_folder_sensor(root, tasks)],
         resources=default_resources(artifacts_root),
-        executor=step_executor(__name__),
+        # the stages' modules import no torch (a step imports it only to train or predict)
+        executor=step_executor(__name__, *STAGE_MODULES),
     )
 
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import dagster as dg
 
-# What each forked step finds already imported: the assets and the instance's SQL storage
-# libraries, which a step otherwise imports itself (most of a step that reuses its stored
-# output). Not torch: a step imports it only when it trains or predicts.
+# What each forked step finds already imported, besides the modules it is given: the
+# instance's SQL storage libraries, which a step otherwise imports itself (most of a step that
+# reuses its stored output).
 SQL_LIBRARIES = ["sqlalchemy", "alembic"]
 
 
@@ -24,7 +24,8 @@ class DeploymentSettingError(ValueError):
     """MTMC_EXECUTOR or MTMC_K8S_TRAINING_GPUS holds something this project cannot use."""
 
 
-def step_executor(definitions_module: str) -> dg.ExecutorDefinition:
+def step_executor(*preload: str) -> dg.ExecutorDefinition:
+    """The executor; ``preload``: the modules a forked step should find imported."""
     kind = os.environ.get("MTMC_EXECUTOR", "multiprocess").strip()
     if kind == "k8s":
         from dagster_k8s import k8s_job_executor
@@ -38,9 +39,7 @@ def step_executor(definitions_module: str) -> dg.ExecutorDefinition:
     return dg.multiprocess_executor.configured(
         {
             "max_concurrent": max_concurrent,
-            "start_method": {
-                "forkserver": {"preload_modules": [definitions_module, *SQL_LIBRARIES]}
-            },
+            "start_method": {"forkserver": {"preload_modules": [*preload, *SQL_LIBRARIES]}},
         }
     )
 

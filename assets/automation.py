@@ -5,10 +5,10 @@ What runs unattended under ``dagster dev`` or a deployed daemon:
 - ``observe_raw_images`` (schedule, on): observes every task folder, by default every 15
   minutes (``MTMC_OBSERVE_CRON``). New, removed or touched files give that task's
   ``raw_images`` a new data version; an unchanged folder gives the same one.
-- ``mtmc_automation`` (automation sensor, on): evaluates :data:`RETRAIN` on every downstream
-  asset, so a new data version reruns that task's chain and nothing else.
-- ``nightly_stale`` (schedule, off): for those who prefer fixed windows, materialises whatever
-  is stale or missing once a night (``MTMC_NIGHTLY_CRON``, default 02:00).
+- ``mtmc_automation`` (automation sensor, on): evaluates each asset's automation condition, so
+  a new data version reruns that task's chain and nothing else. ``MTMC_AUTOMATION`` picks the
+  condition: ``eager`` (default, :data:`RETRAIN`) or ``nightly`` (:func:`nightly`: the same
+  changes, held until the nightly cron tick ``MTMC_NIGHTLY_CRON``, default 02:00).
 - ``task_folders`` (sensor, on): says when a task folder appeared or disappeared, since only a
   reload of the code location adds or removes its assets.
 """
@@ -17,18 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import zoneinfo
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import dagster as dg
-from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
-from dagster._core.loader import LoadingContextForTest
 
 from mtmc_pipeline.data.layout import DataRootError, discover_tasks
-
-if TYPE_CHECKING:
-    from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph
 
 OBSERVE_CRON = "*/15 * * * *"
 NIGHTLY_CRON = "0 2 * * *"
@@ -37,7 +32,9 @@ NIGHTLY_CRON = "0 2 * * *"
 # code_version_changed() alone is true on a single tick and knows nothing of runs in progress.
 # Adding it to eager()'s triggers keeps a code change pending until the asset is requested or
 # updated, under eager()'s guards: never while the asset or a dependency is in progress or
-# missing.
+# missing. all_deps_blocking_checks_passed() adds the guard across runs: an input whose
+# blocking check failed (say a hand-run `integrity` over its error_fraction) is not built on
+# until a rerun passes it; a run that rebuilds the input and its check is still allowed.
 RETRAIN: dg.AutomationCondition = (
     dg.AutomationCondition.eager()
     .replace(
@@ -45,7 +42,8 @@ RETRAIN: dg.AutomationCondition = (
         dg.AutomationCondition.newly_missing() | dg.AutomationCondition.code_version_changed(),
     )
     .with_label("eager() | code_version_changed()")
-)
+    & dg.AutomationCondition.all_deps_blocking_checks_passed()
+).with_label("retrain")
 
 
 class AutomationSettingError(ValueError):
@@ -61,7 +59,7 @@ def _settings_named(*variables: str) -> Iterator[None]:
     """Name the environment variables when Dagster rejects a cron string or a timezone."""
     try:
         yield
-    except dg.DagsterInvalidDefinitionError as e:
+    except (dg.DagsterInvalidDefinitionError, ValueError, zoneinfo.ZoneInfoNotFoundError) as e:
         given = ", ".join(f"{v}={os.environ[v]!r}" for v in variables if v in os.environ)
         raise AutomationSettingError(f"{e} (set by {given or 'the defaults'})") from e
 
@@ -95,43 +93,28 @@ def automation_sensor() -> dg.AutomationConditionSensorDefinition:
     )
 
 
-def stale_assets(instance: dg.DagsterInstance, asset_graph: BaseAssetGraph) -> set[dg.AssetKey]:
-    """The assets a run must redo: stale or missing, and everything downstream of those.
-
-    Dagster (like its UI) calls an asset stale when its code version or its direct inputs'
-    data versions differ from those its last materialisation recorded. That marks only the
-    first asset of a changed chain: the ones after it see a new input once it has rerun.
-    """
-    # the resolver behind the UI's "stale" badge; Dagster exposes it only internally
-    resolver = CachingStaleStatusResolver(instance, asset_graph, LoadingContextForTest(instance))
-    roots = [
-        key
-        for key in asset_graph.materializable_asset_keys
-        if resolver.get_status(key) in (StaleStatus.STALE, StaleStatus.MISSING)
-    ]
-    if not roots:
-        return set()
-    return set(dg.AssetSelection.assets(*roots).downstream().resolve(asset_graph))
+def nightly(cron: str = NIGHTLY_CRON, timezone: str = "UTC") -> dg.AutomationCondition:
+    """:data:`RETRAIN`, held until a tick of ``cron`` passes: what changed during the day is
+    rebuilt in one go at night, under the same guards."""
+    return (
+        RETRAIN & dg.AutomationCondition.cron_tick_passed(cron, timezone).since_last_handled()
+    ).with_label(f"retrain at {cron} ({timezone})")
 
 
-def nightly_schedule() -> dg.ScheduleDefinition:
-    """Off by default: start it in the UI (Automation) or with ``dagster schedule start``."""
-
-    def nightly_stale(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
-        stale = stale_assets(context.instance, context.repository_def.asset_graph)
-        if not stale:
-            return dg.SkipReason("nothing is stale or missing")
-        return dg.RunRequest(asset_selection=sorted(stale))
-
+def retrain_condition() -> dg.AutomationCondition:
+    """The condition every materialisable asset carries, as ``MTMC_AUTOMATION`` chooses."""
+    mode = _setting("MTMC_AUTOMATION", "eager")
+    if mode == "eager":
+        return RETRAIN
+    if mode != "nightly":
+        raise AutomationSettingError(f"MTMC_AUTOMATION={mode!r}: use eager or nightly")
+    cron, timezone = _setting("MTMC_NIGHTLY_CRON", NIGHTLY_CRON), _setting("MTMC_TIMEZONE", "UTC")
     with _settings_named("MTMC_NIGHTLY_CRON", "MTMC_TIMEZONE"):
-        return dg.schedule(
-            name="nightly_stale",
-            cron_schedule=_setting("MTMC_NIGHTLY_CRON", NIGHTLY_CRON),
-            execution_timezone=_setting("MTMC_TIMEZONE", "UTC"),
-            target=dg.AssetSelection.all(),
-            default_status=dg.DefaultScheduleStatus.STOPPED,
-            description="Materialise whatever is stale or missing (as last observed), in one run.",
-        )(nightly_stale)
+        zoneinfo.ZoneInfo(timezone)
+        try:
+            return nightly(cron, timezone)
+        except Exception as e:  # Dagster's parameter check: not one of its public errors
+            raise ValueError(f"invalid cron schedule {cron!r}") from e
 
 
 def folder_changes(root: Path, loaded: Sequence[str]) -> str | None:

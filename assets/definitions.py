@@ -14,6 +14,7 @@ from pathlib import Path
 import dagster as dg
 
 from assets import automation
+from assets.deployment import step_executor
 from assets.factory import build_leaderboard, build_task_assets, task_key
 from assets.resources import default_resources
 from assets.shared import build_group_model, group_model_key
@@ -21,19 +22,7 @@ from mtmc_pipeline.data.groups import read_groups
 from mtmc_pipeline.data.layout import DataRootError, discover_tasks
 
 log = logging.getLogger(__name__)
-
-
-# What each step's process finds already imported: the assets (this module), the instance's
-# SQLite storage, which a step otherwise imports itself (~0.5 s per step: most of a step that
-# reuses its stored output), and the torch stages, which the code location itself does not
-# import (so that it loads in about a second).
-PRELOAD = [
-    __name__,
-    "dagster._core.storage.sqlite_storage",
-    "mtmc_pipeline.stages.training",
-    "mtmc_pipeline.stages.shared",
-    "mtmc_pipeline.stages.reporting",
-]
+STAGE_MODULES = ["mtmc_pipeline.stages.training", "mtmc_pipeline.stages.reporting"]
 
 
 def data_root() -> Path:
@@ -59,23 +48,14 @@ def build_definitions(
         assets.extend(build_task_assets(task, root, model_keys.get(task)))
     assets.append(build_leaderboard(tasks, root_problem))
     raw_keys = [dg.AssetKey([task_key(t), "raw_images"]) for t in tasks]
-    schedules = [automation.nightly_schedule()]
-    if raw_keys:
-        schedules.append(automation.observe_schedule(raw_keys))
-    max_concurrent = int(os.environ.get("MTMC_MAX_CONCURRENT", str(os.cpu_count() or 1)))
+    schedules = [automation.observe_schedule(raw_keys)] if raw_keys else []
     return dg.Definitions(
         assets=assets,
         schedules=schedules,
         sensors=[automation.automation_sensor(), automation.task_folder_sensor(root, tasks)],
         resources=default_resources(artifacts_root),
-        # forkserver: each step forks from a process that has already imported PRELOAD,
-        # instead of paying several seconds of imports per step
-        executor=dg.multiprocess_executor.configured(
-            {
-                "max_concurrent": max_concurrent,
-                "start_method": {"forkserver": {"preload_modules": PRELOAD}},
-            }
-        ),
+        # the stages' modules import no torch (a step imports it only to train or predict)
+        executor=step_executor(__name__, *STAGE_MODULES),
     )
 
 

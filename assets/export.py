@@ -41,7 +41,6 @@ def build_export_asset(
 
     @dg.asset(
         **spec,
-        kinds={"onnx"},
         description="Self-describing ONNX (+ export.json) of the calibrated model, served by "
         "`mtmc serve` once parity holds and it does not regress.",
     )

@@ -7,7 +7,9 @@ Each asset resolves its configuration section, calls one function of
 
 import contextlib
 import hashlib
+import os
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import dagster as dg
 from anyascii import anyascii
 
-from assets.automation import RETRAIN
+from assets.automation import retrain_condition
 from assets.config import (
     CalibrationOverrides,
     EvaluationOverrides,
@@ -26,6 +28,7 @@ from assets.config import (
     TrainOverrides,
     overrides_of,
 )
+from assets.deployment import training_op_tags
 from assets.export import CHECKS as EXPORT_CHECKS
 from assets.export import build_export_asset
 from assets.label_issues import build_label_issues
@@ -38,6 +41,7 @@ from mtmc_pipeline.config import ConfigError, TaskConfig, load_task_config
 from mtmc_pipeline.data.layout import DataRootError
 from mtmc_pipeline.data.splits import TaskDataError
 from mtmc_pipeline.errors import DeviceError, PretrainedUnavailableError
+from mtmc_pipeline.stages.training import run_training
 
 STAGES = (
     "raw_images",
@@ -51,6 +55,17 @@ STAGES = (
     "label_issues",
     "export",
 )
+KINDS = {  # the icons the UI shows: what each stage's output is
+    "inventory": {"parquet"},
+    "integrity": {"parquet"},
+    "splits": {"parquet"},
+    "sampling_weights": {"parquet"},
+    "model": {"pytorch", "safetensors"},
+    "evaluation": {"pytorch", "parquet"},
+    "calibration": {"parquet"},
+    "label_issues": {"pytorch", "cleanlab"},
+    "export": {"onnx"},
+}
 _VALID = re.compile(r"^[A-Za-z0-9_]+$")
 USER_ERRORS = (
     ConfigError,
@@ -111,6 +126,16 @@ CHECKS: dict[str, list[tuple[str, bool, str]]] = {
 }
 
 
+def asset_owners() -> list[str]:
+    """``MTMC_OWNERS``: comma-separated emails or ``team:name``, shown on every asset."""
+    given = os.environ.get("MTMC_OWNERS", "")
+    owners = [o.strip() for o in given.split(",") if o.strip()]
+    for owner in owners:
+        if not (owner.startswith("team:") or re.fullmatch(r"[^@\s]+@[^@\s]+", owner)):
+            raise ConfigError(f"MTMC_OWNERS={given!r}: {owner!r} is neither an email nor team:name")
+    return owners
+
+
 @contextlib.contextmanager
 def user_errors(task_dir: Path) -> Iterator[None]:
     """Turn problems with the user's data or settings into a clean failure message."""
@@ -127,8 +152,10 @@ def _events(key: dg.AssetKey, stage: str, result: stages.StageResult) -> Iterato
         metadata=stage_metadata(result),
     )
     for name, _, _ in CHECKS.get(stage, []):
+        # a check that does not apply is not "passed": a warning that says so (an @asset must
+        # yield every check it declares; only blocking checks' errors stop anything)
         outcome = result.checks.get(name) or stages.CheckOutcome(
-            True, "not applicable to this task's data or settings", "warn"
+            False, "not applicable to this task's data or settings: not evaluated", "warn"
         )
         yield check_result(key, name, outcome)
 
@@ -146,6 +173,8 @@ def build_task_assets(
     keys = {stage: dg.AssetKey([tk, stage]) for stage in STAGES}
     keys["model"] = model_key or keys["model"]
     tags = {"task": tk}
+    condition = retrain_condition()
+    owners = asset_owners()
 
     def spec_kwargs(stage: str, upstream: list[str]) -> dict[str, Any]:
         return {
@@ -153,8 +182,10 @@ def build_task_assets(
             "deps": [keys[u] for u in upstream],
             "group_name": tk,
             "code_version": stages.CODE_VERSIONS[stage],
-            "automation_condition": RETRAIN,
+            "automation_condition": condition,
             "tags": tags,
+            "kinds": KINDS[stage],
+            "owners": owners,
             "check_specs": [
                 dg.AssetCheckSpec(name, asset=keys[stage], blocking=blocking, description=desc)
                 for name, blocking, desc in CHECKS.get(stage, [])
@@ -162,19 +193,34 @@ def build_task_assets(
         }
 
     def resolve(section: str, config: dg.Config) -> Any:
-        cfg: TaskConfig = load_task_config(task_dir, {section: overrides_of(config)})
+        # train.model is checked when the model is built: checking it imports torch
+        overrides = {section: overrides_of(config)}
+        cfg: TaskConfig = load_task_config(task_dir, overrides, check_model=False)
         return getattr(cfg, section)
 
-    @dg.observable_source_asset(
-        key=keys["raw_images"],
-        group_name=tk,
-        tags=tags,
-        description=f"The image files under `{task_dir}` (never modified). Data version: "
-        "fingerprint of every file's (path, size, mtime) and of task.yaml.",
-    )
+    with warnings.catch_warnings():
+        # AssetSpec-based observation replaces the deprecated SourceAsset that
+        # @observable_source_asset builds; Dagster 1.13 (pinned <1.14) still marks it beta
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        observation = dg.multi_observable_source_asset(
+            name=f"{tk}__raw_images",
+            specs=[
+                dg.AssetSpec(
+                    keys["raw_images"],
+                    group_name=tk,
+                    tags=tags,
+                    kinds={"folder"},
+                    owners=owners,
+                    description=f"The image files under `{task_dir}` (never modified). Data "
+                    "version: fingerprint of every file's (path, size, mtime) and of task.yaml.",
+                )
+            ],
+        )
+
+    @observation
     def raw_images() -> dg.ObserveResult:
         with user_errors(task_dir):
-            scan = load_task_config(task_dir).scan
+            scan = load_task_config(task_dir, check_model=False).scan
             version, md = stages.observe_raw(task_dir, scan)
         return dg.ObserveResult(data_version=dg.DataVersion(version), metadata=md)
 
@@ -215,7 +261,7 @@ def build_task_assets(
     @dg.asset(
         **spec_kwargs("model", ["splits", "sampling_weights"]),
         pool="gpu",
-        kinds={"pytorch"},
+        op_tags=training_op_tags(),
         description="A timm classifier trained on the train split; best epoch on val.",
     )
     def model(
@@ -230,10 +276,9 @@ def build_task_assets(
             if training.out_of_process:  # Dagster Pipes: this step does not import torch
                 result = training.train(context, task_dir, art, train, torch_device)
             else:
-                from mtmc_pipeline.stages.training import run_training
-
+                leases = Path(context.instance.root_directory) / "gpu-leases"
                 result = run_training(
-                    task_dir, art, train, torch_device.runtime(), context.log.info
+                    task_dir, art, train, torch_device.settings(leases), context.log.info
                 )
         yield from _events(keys["model"], "model", result)
 
@@ -253,7 +298,7 @@ def build_task_assets(
                 task_dir,
                 artifacts.task(task),
                 resolve("evaluation", config),
-                torch_device.runtime(),
+                torch_device.settings(),
             )
         yield from _events(keys["evaluation"], "evaluation", result)
 
@@ -305,8 +350,10 @@ def build_leaderboard(tasks: list[str], root_problem: str | None = None) -> dg.A
         key=dg.AssetKey(["summary", "leaderboard"]),
         deps=deps,
         group_name="summary",
+        kinds={"parquet"},
+        owners=asset_owners(),
         code_version=stages.CODE_VERSIONS["leaderboard"],
-        automation_condition=RETRAIN,
+        automation_condition=retrain_condition(),
         description="One row per task: data counts, model, metrics, calibration, when trained.",
     )
     def leaderboard(artifacts: ArtifactStore) -> dg.MaterializeResult:

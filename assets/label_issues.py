@@ -25,7 +25,6 @@ def build_label_issues(task: str, task_dir: Path, spec: dict[str, Any]) -> dg.As
     @dg.asset(
         **spec,
         pool="gpu",
-        kinds={"pytorch", "cleanlab"},
         description="Out-of-fold suspected label errors (cleanlab) and a review list with "
         "thumbnails; off unless label_quality.enabled.",
     )

@@ -4,7 +4,9 @@ Runs the CI command ``dagster asset materialize -m assets.definitions --select '
 demo data in a fresh instance and artifact root:
 
 1. the first run (everything computed);
-2. the same command again with nothing changed (median of ``--repeats`` runs);
+2. the same command again with nothing changed (median of ``--repeats`` runs), interleaved
+   with a no-op Dagster graph of the same shape through the same CLI and executor
+   (``benchmarks/noop_graph.py``): the rerun's overhead is the ratio of the two;
 3. after adding ``--images`` new images to one task, once per task.
 
 Each run is timed as a whole process (start-up included, as a CI job sees it), and the
@@ -12,6 +14,8 @@ instance's records say which assets were recomputed and which reused their store
 
     .venv/bin/python benchmarks/incremental.py            # the full demo (several minutes)
     .venv/bin/python benchmarks/incremental.py --small    # the tiny test data (a quick look)
+    .venv/bin/python benchmarks/incremental.py --workdir W --overhead  # only step 2, on the
+                                                    # data and artifacts an earlier run left in W
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import dagster as dg
-from dagster._core.events import DagsterEventType
 from PIL import Image, UnidentifiedImageError
 
 from mtmc_pipeline.demo import write_demo
@@ -58,10 +61,10 @@ def add_images(task_dir: Path, count: int) -> list[Path]:
 class Bench:
     def __init__(self, workdir: Path):
         self.data, self.artifacts, self.home = (workdir / n for n in ("data", "artifacts", "home"))
-        self.home.mkdir(parents=True)
+        self.home.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / ".dagster" / "dagster.yaml", self.home / "dagster.yaml")
 
-    def materialize(self) -> tuple[float, dict[str, Step]]:
+    def materialize(self, module: str = "assets.definitions") -> tuple[float, dict[str, Step]]:
         """Wall seconds of the CI command, and what each asset's step did."""
         env = {
             **os.environ,
@@ -69,22 +72,24 @@ class Bench:
             "MTMC_DATA_ROOT": str(self.data),
             "MTMC_ARTIFACTS": str(self.artifacts),
         }
-        cmd = [str(DAGSTER), "asset", "materialize", "-m", "assets.definitions", "--select", "*"]
+        cmd = [str(DAGSTER), "asset", "materialize", "-m", module, "--select", "*"]
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - start
         if proc.returncode != 0:
             sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-        return seconds, self.last_run()
+        return seconds, self.last_run() if module == "assets.definitions" else {}
 
     def last_run(self) -> dict[str, Step]:
         """From the instance's records: each materialisation's ``reused`` and ``elapsed_s``."""
         with dg.DagsterInstance.from_config(str(self.home)) as instance:
             [run] = instance.get_runs(limit=1)
-            events = instance.all_logs(run.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION)
+            events = instance.all_logs(
+                run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+            )
         out = {}
         for e in events:
-            mat = e.dagster_event.event_specific_data.materialization
+            mat = e.asset_materialization
             md = mat.metadata
             elapsed = md["elapsed_s"].value if "elapsed_s" in md else 0.0
             out[mat.asset_key.to_user_string()] = Step(bool(md["reused"].value), float(elapsed))
@@ -106,13 +111,42 @@ def compute_seconds(steps: dict[str, Step], group: str) -> float:
     return sum(s.elapsed_s for k, s in steps.items() if k.startswith(f"{group}/"))
 
 
+def no_change_against_noop(bench: Bench, repeats: int) -> tuple[float, float]:
+    """Medians of the no-change rerun and of the no-op graph, run alternately so that both
+    see the same machine load."""
+    reruns, noop = [], []
+    for _ in range(repeats):
+        seconds, steps = bench.materialize()
+        assert recomputed(steps) == "none", f"unchanged assets were recomputed: {steps}"
+        reruns.append(seconds)
+        noop.append(bench.materialize("benchmarks.noop_graph")[0])
+    print(
+        "no-change reruns:",
+        [round(s, 1) for s in reruns],
+        "no-op graph:",
+        [round(s, 1) for s in noop],
+    )
+    return statistics.median(reruns), statistics.median(noop)
+
+
+def overhead(bench: Bench, repeats: int) -> None:
+    rerun, noop = no_change_against_noop(bench, repeats)
+    print(f"no change {rerun:.1f} s, no-op graph {noop:.1f} s: {rerun / noop:.2f}x")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="the tiny test data set")
     parser.add_argument("--images", type=int, default=5, help="images added to one task")
     parser.add_argument("--repeats", type=int, default=3, help="no-change runs (median)")
     parser.add_argument("--workdir", type=Path, help="keep data, artifacts and instance here")
+    parser.add_argument(
+        "--overhead", action="store_true", help="only the no-change reruns against the no-op graph"
+    )
     args = parser.parse_args(argv)
+    if args.overhead:
+        overhead(Bench(args.workdir), args.repeats)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
@@ -123,10 +157,9 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(("first run", first, recomputed(steps)))
         shares = {t: compute_seconds(steps, t) for t in tasks}
 
-        repeats = [bench.materialize() for _ in range(args.repeats)]
-        changed = [recomputed(steps) for _, steps in repeats if recomputed(steps) != "none"]
-        assert not changed, f"unchanged assets were recomputed: {changed}"
-        rows.append(("no change", statistics.median(s for s, _ in repeats), "none"))
+        no_change, noop = no_change_against_noop(bench, args.repeats)
+        rows.append(("no change", no_change, "none"))
+        rows.append(("no-op graph, same shape", noop, "(does nothing)"))
 
         for task in tasks:
             add_images(bench.data / task, args.images)
@@ -137,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|")
     for name, seconds, what in rows:
         print(f"| {name} | {seconds:.1f} | {seconds / first:.2f} | {what} |")
+    print(f"\nNo-change rerun / no-op graph: {no_change / noop:.2f}x")
     total = sum(shares.values())
     print("\nThe first run's compute (the steps' own elapsed_s, start-up excluded):")
     print(", ".join(f"{t} {s:.0f} s ({s / total:.0%})" for t, s in shares.items()))

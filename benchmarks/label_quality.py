@@ -31,7 +31,7 @@ from mtmc_pipeline import stages
 from mtmc_pipeline.artifacts import TaskArtifacts
 from mtmc_pipeline.config import load_task_config
 from mtmc_pipeline.demo import pattern_label_problems, write_pattern
-from mtmc_pipeline.runtime import resolve_runtime
+from mtmc_pipeline.runtime import DeviceSettings, resolve_runtime
 from mtmc_pipeline.stages.label_quality import TABLE_FILE, label_issues_dir, run_label_issues
 from mtmc_pipeline.stages.reporting import run_evaluation
 from mtmc_pipeline.stages.training import run_training
@@ -110,8 +110,8 @@ def main() -> None:
             return
 
         start = time.perf_counter()
-        run_training(task, art, cfg.train, runtime, lambda _: None)
-        run_evaluation(task, art, cfg.evaluation, runtime)
+        run_training(task, art, cfg.train, DeviceSettings("auto"), lambda _: None)
+        run_evaluation(task, art, cfg.evaluation, DeviceSettings("auto"))
         metrics = json.loads((art.evaluation_dir / "metrics.json").read_text("utf-8"))
         results["val_accuracy"] = metrics["by_split"]["val"]["accuracy"]
         results["model_s"] = time.perf_counter() - start

@@ -31,7 +31,7 @@ from mtmc_pipeline.artifacts import TaskArtifacts
 from mtmc_pipeline.config import load_task_config
 from mtmc_pipeline.data.multilabel_splits import indicator
 from mtmc_pipeline.evaluation.metrics import per_class_average_precision
-from mtmc_pipeline.runtime import resolve_runtime
+from mtmc_pipeline.runtime import DeviceSettings
 from mtmc_pipeline.stages.reporting import run_evaluation
 from mtmc_pipeline.stages.training import run_training
 from mtmc_pipeline.training.loader import fit_square, load_rgb
@@ -113,13 +113,12 @@ def main() -> None:
             )
             cfg = load_task_config(task_dir)
             art = TaskArtifacts(Path(tmp) / f"art-{loss}", task_dir.name)
-            runtime = resolve_runtime("cpu")
             stages.run_inventory(task_dir, art, cfg.scan)
             stages.run_integrity(task_dir, art, cfg.integrity)
             stages.run_splits(art, cfg.split)
             stages.run_sampling(art, cfg.sampling)
-            run_training(task_dir, art, cfg.train, runtime, lambda _: None)
-            run_evaluation(task_dir, art, cfg.evaluation, runtime)
+            run_training(task_dir, art, cfg.train, DeviceSettings("cpu"), lambda _: None)
+            run_evaluation(task_dir, art, cfg.evaluation, DeviceSettings("cpu"))
             info = af.read_json(art.model_dir / "model.json")
             m = af.read_json(art.evaluation_dir / "metrics.json")
             rows.append(

@@ -26,7 +26,7 @@ from mtmc_pipeline.artifacts import TaskArtifacts
 from mtmc_pipeline.config import load_task_config
 from mtmc_pipeline.demo import write_demo
 from mtmc_pipeline.evaluation.openset import auroc, knn_scores, threshold_at, unknown_scores
-from mtmc_pipeline.runtime import resolve_runtime
+from mtmc_pipeline.runtime import DeviceSettings
 from mtmc_pipeline.serving.predict import decode_image, expand_inputs
 from mtmc_pipeline.stages.reporting import run_calibration, run_evaluation
 from mtmc_pipeline.stages.training import run_training
@@ -36,13 +36,12 @@ from mtmc_pipeline.training.models import Preprocess, load_bundle
 def train_without(data: Path, art: TaskArtifacts, task: str, overrides: dict) -> None:
     task_dir = data / task
     cfg = load_task_config(task_dir, overrides)
-    runtime = resolve_runtime("cpu")
     stages.run_inventory(task_dir, art, cfg.scan)
     stages.run_integrity(task_dir, art, cfg.integrity)
     stages.run_splits(art, cfg.split)
     stages.run_sampling(art, cfg.sampling)
-    run_training(task_dir, art, cfg.train, runtime, lambda _: None)
-    run_evaluation(task_dir, art, cfg.evaluation, runtime)
+    run_training(task_dir, art, cfg.train, DeviceSettings("cpu"), lambda _: None)
+    run_evaluation(task_dir, art, cfg.evaluation, DeviceSettings("cpu"))
     run_calibration(art, cfg.calibration)
 
 

@@ -34,7 +34,7 @@ from mtmc_pipeline.artifacts import TaskArtifacts, read_json
 from mtmc_pipeline.config import load_task_config
 from mtmc_pipeline.data.splits import read_manifest
 from mtmc_pipeline.demo import PATTERN_CLASSES, _draw
-from mtmc_pipeline.runtime import resolve_runtime
+from mtmc_pipeline.runtime import DeviceSettings
 from mtmc_pipeline.stages.training import run_training
 from mtmc_pipeline.training.loader import fit_square, load_rgb
 
@@ -61,7 +61,7 @@ def pipeline(task_dir: Path, art: TaskArtifacts) -> tuple[dict, float]:
     stages.run_splits(art, cfg.split)
     stages.run_sampling(art, cfg.sampling)
     start = time.perf_counter()
-    run_training(task_dir, art, cfg.train, resolve_runtime("cpu"), lambda _: None)
+    run_training(task_dir, art, cfg.train, DeviceSettings("cpu"), lambda _: None)
     return read_json(art.model_dir / "model.json"), time.perf_counter() - start
 
 

@@ -29,7 +29,7 @@ from mtmc_pipeline.config import TrainConfig, load_task_config
 from mtmc_pipeline.data.groups import SharedGroup
 from mtmc_pipeline.data.splits import read_manifest
 from mtmc_pipeline.demo import write_demo, write_digits, write_pattern
-from mtmc_pipeline.runtime import resolve_runtime
+from mtmc_pipeline.runtime import DeviceSettings, resolve_runtime
 from mtmc_pipeline.stages.reporting import run_evaluation
 from mtmc_pipeline.stages.shared import group_train_config, run_shared_training
 from mtmc_pipeline.stages.training import run_training
@@ -39,6 +39,8 @@ from mtmc_pipeline.training.multitask import MultiHeadNet, load_joint_bundle
 TASKS = ["digits", "pattern", "parity"]
 # the group's recipe: the demo's resnet10t at 32 px, no flips (digits), pattern's batch size
 GROUP_TRAIN = {"epochs": 8, "batch_size": 32, "patience": 6}
+
+CPU = DeviceSettings("cpu")  # the stages take device settings, not a runtime
 
 
 def write_data(root: Path, quick: bool, recipe: dict) -> None:
@@ -87,7 +89,7 @@ def cross_task_leaks(root: Path) -> int:
 
 def accuracy(data: Path, root: Path, task: str, runtime) -> float:
     art = TaskArtifacts(root, task)
-    run_evaluation(data / task, art, load_task_config(data / task).evaluation, runtime)
+    run_evaluation(data / task, art, load_task_config(data / task).evaluation, CPU)
     return af.read_json(art.evaluation_dir / "metrics.json")["accuracy"]
 
 
@@ -150,7 +152,7 @@ def main() -> None:
     for task in TASKS:
         cfg = load_task_config(data / task).train
         t0 = time.perf_counter()
-        run_training(data / task, TaskArtifacts(separate, task), cfg, runtime, lambda _: None)
+        run_training(data / task, TaskArtifacts(separate, task), cfg, CPU, lambda _: None)
         seconds[task] = time.perf_counter() - t0
         print(f"separate {task}: {seconds[task]:.1f} s")
     group_train = {**GROUP_TRAIN, "epochs": min(GROUP_TRAIN["epochs"], args.max_epochs or 99)}

@@ -33,6 +33,9 @@ import pyarrow.parquet as pq
 FINGERPRINT_KEY = b"mtmc.fingerprint"
 DATA_VERSION_KEY = b"mtmc.data_version"
 META_KEY = b"mtmc.meta"
+MODEL_FILE = "model.json"
+"""The model bundle's description (``<task>/model/model.json``); here so that reading it needs
+no torch."""
 
 
 class UnsafePathError(ValueError):

@@ -18,7 +18,7 @@ from pathlib import Path
 from mtmc_pipeline import artifacts, stages
 from mtmc_pipeline.artifacts import TaskArtifacts
 from mtmc_pipeline.config import load_task_config
-from mtmc_pipeline.runtime import resolve_runtime
+from mtmc_pipeline.runtime import DeviceSettings
 from mtmc_pipeline.stages.reporting import run_calibration, run_evaluation
 from mtmc_pipeline.stages.training import run_training
 
@@ -27,7 +27,7 @@ def run(data_root: Path, artifacts: Path, task: str, overrides: dict) -> None:
     task_dir = data_root / task
     cfg = load_task_config(task_dir, overrides)
     art = TaskArtifacts(artifacts, task)
-    runtime = resolve_runtime("cpu")
+    runtime = DeviceSettings("cpu")
     steps = [
         ("inventory", lambda: stages.run_inventory(task_dir, art, cfg.scan)),
         ("integrity", lambda: stages.run_integrity(task_dir, art, cfg.integrity)),

@@ -7,6 +7,7 @@ copy of data, artifacts and instance) and change one thing.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from dagster._core.loader import LoadingContextForTest
 from dagster._core.storage.dagster_run import DagsterRunStatus
 from PIL import Image
 
-from assets.automation import RETRAIN, AutomationSettingError, stale_assets
+from assets.automation import RETRAIN, AutomationSettingError, nightly
 from assets.definitions import build_definitions
 from assets.factory import STAGES
 from mtmc_pipeline.stages import CODE_VERSIONS
@@ -66,9 +67,11 @@ class TwoTasks:
         job = self.defs.resolve_job_def("observe_raw_images")
         assert job.execute_in_process(instance=self.instance).success
 
-    def tick(self, cursor=None, defs: dg.Definitions | None = None):
+    def tick(self, cursor=None, defs: dg.Definitions | None = None, evaluation_time=None):
         """One evaluation of the automation sensor."""
-        return dg.evaluate_automation_conditions(defs or self.defs, self.instance, cursor=cursor)
+        return dg.evaluate_automation_conditions(
+            defs or self.defs, self.instance, cursor=cursor, evaluation_time=evaluation_time
+        )
 
     def dagster_stale(self, defs: dg.Definitions | None = None) -> set[dg.AssetKey]:
         """What Dagster itself (and so the UI) marks stale."""
@@ -81,6 +84,18 @@ class TwoTasks:
             for k in graph.materializable_asset_keys
             if resolver.get_status(k) == StaleStatus.STALE
         }
+
+
+def stale_assets(instance: dg.DagsterInstance, graph) -> set[dg.AssetKey]:
+    """What a run must redo: what Dagster marks stale or missing, and everything downstream
+    (Dagster marks only the first asset of a changed chain)."""
+    resolver = CachingStaleStatusResolver(instance, graph, LoadingContextForTest(instance))
+    roots = [
+        key
+        for key in graph.materializable_asset_keys
+        if resolver.get_status(key) in (StaleStatus.STALE, StaleStatus.MISSING)
+    ]
+    return set(dg.AssetSelection.assets(*roots).downstream().resolve(graph)) if roots else set()
 
 
 def requested(tick, graph) -> set[dg.AssetKey]:
@@ -172,18 +187,43 @@ def test_same_manifest_keeps_the_model(two_tasks: TwoTasks) -> None:
     assert stale_assets(t.instance, t.graph) == set()
 
 
-def test_nightly_schedule_requests_what_is_stale(two_tasks: TwoTasks) -> None:
+def test_nightly_mode_waits_for_its_cron_tick(
+    two_tasks: TwoTasks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MTMC_AUTOMATION", "nightly")
     t = two_tasks
-    repo = t.defs.get_repository_def()
-    schedule = repo.get_schedule_def("nightly_stale")
-    with dg.build_schedule_context(instance=t.instance, repository_def=repo) as context:
-        assert isinstance(schedule.evaluate_tick(context).skip_message, str)
+    defs = build_definitions(t.data_root, t.artifacts)
+    graph = defs.resolve_asset_graph()
+    assert graph.get(dg.AssetKey(["pattern", "model"])).automation_condition == nightly()
 
+    day = dt.datetime(2026, 5, 4, 12, tzinfo=dt.UTC)
+    first = t.tick(defs=defs, evaluation_time=day)
     add_images(t.data_root / "pattern" / "train", 2)
     t.observe()
-    with dg.build_schedule_context(instance=t.instance, repository_def=repo) as context:
-        [request] = schedule.evaluate_tick(context).run_requests
-    assert set(request.asset_selection) == task_assets("pattern") | {LEADERBOARD}
+    evening = t.tick(first.cursor, defs, day.replace(hour=23))
+    assert evening.total_requested == 0  # changed, but no 02:00 tick yet
+    night = t.tick(evening.cursor, defs, day + dt.timedelta(hours=14, minutes=1))
+    assert requested(night, graph) == task_assets("pattern") | {LEADERBOARD}
+
+
+def test_a_failed_blocking_check_stops_the_next_tick(two_tasks: TwoTasks) -> None:
+    """A hand-run integrity over its error_fraction: nothing is built on that data."""
+    t = two_tasks
+    first = t.tick()
+    (t.data_root / "digits" / "0" / "broken.png").write_bytes(b"not an image")
+    t.observe()
+    job = t.defs.resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(
+        instance=t.instance,
+        asset_selection=sorted(task_assets("digits", "inventory", "integrity")),
+        run_config={"ops": {"digits__integrity": {"config": {"max_error_fraction": 0.0}}}},
+        raise_on_error=False,
+    )
+    [check] = [c for c in result.get_asset_check_evaluations() if c.check_name == "error_fraction"]
+    assert not check.passed
+
+    second = t.tick(first.cursor)
+    assert requested(second, t.graph) & task_assets("digits") == set()
 
 
 def test_new_evaluation_code_reruns_evaluation_and_calibration_not_the_model(
@@ -240,10 +280,6 @@ def test_automation_is_declared_with_its_defaults(tiny_root: Path, tmp_path: Pat
     raw = {dg.AssetKey([t, "raw_images"]) for t in ("digits", "pattern")}
     assert set(repo.get_job("observe_raw_images").asset_layer.selected_asset_keys) == raw
 
-    nightly = repo.get_schedule_def("nightly_stale")
-    assert nightly.cron_schedule == "0 2 * * *"
-    assert nightly.default_status == dg.DefaultScheduleStatus.STOPPED
-
     sensor = repo.get_sensor_def("mtmc_automation")
     assert isinstance(sensor, dg.AutomationConditionSensorDefinition)
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
@@ -254,16 +290,24 @@ def test_schedules_follow_the_environment(
     tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MTMC_OBSERVE_CRON", "*/5 * * * *")
+    monkeypatch.setenv("MTMC_AUTOMATION", "nightly")
     monkeypatch.setenv("MTMC_NIGHTLY_CRON", "30 3 * * 1-5")
     monkeypatch.setenv("MTMC_TIMEZONE", "Europe/Berlin")
     repo = build_definitions(tiny_root, tmp_path).get_repository_def()
     assert repo.get_schedule_def("observe_raw_images").cron_schedule == "*/5 * * * *"
-    nightly = repo.get_schedule_def("nightly_stale")
-    assert (nightly.cron_schedule, nightly.execution_timezone) == ("30 3 * * 1-5", "Europe/Berlin")
+    condition = repo.asset_graph.get(dg.AssetKey(["digits", "model"])).automation_condition
+    assert condition == nightly("30 3 * * 1-5", "Europe/Berlin")
 
-    monkeypatch.setenv("MTMC_OBSERVE_CRON", "every 5 minutes")
-    with pytest.raises(AutomationSettingError, match="MTMC_OBSERVE_CRON='every 5 minutes'"):
-        build_definitions(tiny_root, tmp_path)
+    for variable, value in [
+        ("MTMC_OBSERVE_CRON", "every 5 minutes"),
+        ("MTMC_NIGHTLY_CRON", "at night"),
+        ("MTMC_TIMEZONE", "Mars/Base"),
+        ("MTMC_AUTOMATION", "hourly"),
+    ]:
+        with monkeypatch.context() as m:
+            m.setenv(variable, value)
+            with pytest.raises(AutomationSettingError, match=f"{variable}='{value}'"):
+                build_definitions(tiny_root, tmp_path)
 
 
 def test_task_folder_sensor_says_to_reload(tiny_copy: Path, tmp_path: Path) -> None:

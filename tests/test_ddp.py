@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from mtmc_pipeline import stages
 from mtmc_pipeline.artifacts import TaskArtifacts
 from mtmc_pipeline.config import load_task_config
-from mtmc_pipeline.runtime import resolve_runtime
+from mtmc_pipeline.runtime import DeviceSettings
 from mtmc_pipeline.stages.training import CHECKPOINT_FILE, run_training
 from mtmc_pipeline.training.augment import AugmentSettings, BatchAugment
 from mtmc_pipeline.training.distributed import GlobalBatchShard
@@ -115,7 +115,7 @@ def test_killed_ddp_run_resumes_and_ends_as_one_process_run(
     assert not (two.work_dir / CHECKPOINT_FILE).exists()
 
     cfg = load_task_config(task_dir, {"train": RECIPE}).train
-    run_training(task_dir, one, cfg, resolve_runtime("cpu"), lambda _: None)
+    run_training(task_dir, one, cfg, DeviceSettings("cpu"), lambda _: None)
     a = load_file(str(one.model_dir / "weights.safetensors"))
     b = load_file(str(two.model_dir / "weights.safetensors"))
     assert a.keys() == b.keys()

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from assets.definitions import build_definitions
 from assets.factory import STAGES, task_key
+from assets.resources import ArtifactStore, TorchDevice, default_resources
 from mtmc_pipeline.stages import CODE_VERSIONS
+from tests.conftest import Materialized
 
 
 def _keys(defs: dg.Definitions) -> set[str]:
@@ -92,3 +96,56 @@ def test_the_code_location_loads_without_torch(tiny_root: Path) -> None:
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_loading_prints_no_warning(tiny_root: Path) -> None:
+    env = {**os.environ, "MTMC_DATA_ROOT": str(tiny_root)}
+    out = subprocess.run(
+        [sys.executable, "-W", "error", "-c", "import assets.definitions"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+
+
+def test_a_run_that_reuses_everything_never_imports_torch(
+    materialized: Materialized, tmp_path: Path
+) -> None:
+    """Every stage finds its stored output current, so no step needs torch, timm or CUDA."""
+    data, artifacts = tmp_path / "data", tmp_path / "artifacts"
+    shutil.copytree(materialized.data_root, data, copy_function=shutil.copy2)
+    shutil.copytree(materialized.artifacts, artifacts, copy_function=shutil.copy2)
+    probe = f"""
+import sys
+from pathlib import Path
+import dagster as dg
+from assets.definitions import build_definitions
+
+defs = build_definitions(Path({str(data)!r}), Path({str(artifacts)!r}))
+with dg.instance_for_test() as instance:
+    result = defs.resolve_implicit_global_asset_job_def().execute_in_process(instance=instance)
+reused = [e.materialization.metadata["reused"].value
+          for e in result.get_asset_materialization_events()]
+print(len(reused), all(reused), sorted(m for m in ("torch", "timm") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[-2] == "15 True []"
+
+
+def test_run_settings_are_read_when_the_run_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MTMC_ARTIFACTS", str(tmp_path / "at-load"))
+    monkeypatch.setenv("MTMC_NUM_WORKERS", "1")
+    resources = default_resources()
+    monkeypatch.setenv("MTMC_ARTIFACTS", str(tmp_path / "at-run"))
+    monkeypatch.setenv("MTMC_NUM_WORKERS", "3")
+
+    @dg.asset
+    def settings(artifacts: ArtifactStore, torch_device: TorchDevice) -> tuple[str, int]:
+        return artifacts.root, torch_device.num_workers
+
+    result = dg.materialize([settings], resources=resources)
+    assert result.output_for_node("settings") == (str(tmp_path / "at-run"), 3)

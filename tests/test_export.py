@@ -16,7 +16,7 @@ from mtmc_pipeline.artifacts import TaskArtifacts
 from mtmc_pipeline.config import ExportConfig, PromotionConfig, load_task_config
 from mtmc_pipeline.evaluation.openset import OpenSet, auroc, knn_scores, unknown_scores
 from mtmc_pipeline.evaluation.promote import compare, map_predictions
-from mtmc_pipeline.runtime import resolve_runtime
+from mtmc_pipeline.runtime import DeviceSettings
 from mtmc_pipeline.serving.export import SIDECAR_FILE, ExportError, OnnxModel
 from mtmc_pipeline.serving.serve import Registry
 from mtmc_pipeline.stages.export import run_export
@@ -85,7 +85,7 @@ def test_a_worse_retrain_is_not_promoted_and_the_old_model_stays_served(
 
     _worse_retrain(art)
     cfg = load_task_config(task_dir)
-    run_evaluation(task_dir, art, cfg.evaluation, resolve_runtime("cpu"))
+    run_evaluation(task_dir, art, cfg.evaluation, DeviceSettings("cpu"))
     run_calibration(art, cfg.calibration)
     result = run_export(task_dir, art, cfg.export, cfg.promotion)
 

@@ -17,7 +17,7 @@ from mtmc_pipeline.artifacts import TaskArtifacts
 from mtmc_pipeline.config import load_task_config
 from mtmc_pipeline.demo import MULTI_CLASSES, MULTI_MISSING, WARM, write_multilabel
 from mtmc_pipeline.evaluation.multilabel_calibrate import MultiLabelCalibrator
-from mtmc_pipeline.runtime import resolve_runtime
+from mtmc_pipeline.runtime import DeviceSettings, resolve_runtime
 from mtmc_pipeline.serving.predict import COLUMNS, Predictor, decode_image
 from mtmc_pipeline.stages.reporting import run_calibration, run_evaluation
 from mtmc_pipeline.stages.training import run_training
@@ -46,13 +46,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TaskArtifac
     (task_dir / "task.yaml").write_text(TASK_YAML, "utf-8")
     cfg = load_task_config(task_dir)
     art = TaskArtifacts(tmp_path_factory.mktemp("artifacts"), task_dir.name)
-    runtime = resolve_runtime("cpu")
     stages.run_inventory(task_dir, art, cfg.scan)
     stages.run_integrity(task_dir, art, cfg.integrity)
     stages.run_splits(art, cfg.split)
     stages.run_sampling(art, cfg.sampling)
-    run_training(task_dir, art, cfg.train, runtime, lambda _: None)
-    run_evaluation(task_dir, art, cfg.evaluation, runtime)
+    run_training(task_dir, art, cfg.train, DeviceSettings("cpu"), lambda _: None)
+    run_evaluation(task_dir, art, cfg.evaluation, DeviceSettings("cpu"))
     run_calibration(art, cfg.calibration)
     return task_dir, art
 

@@ -16,7 +16,7 @@ from mtmc_pipeline.artifacts import TaskArtifacts, group_dir
 from mtmc_pipeline.config import ConfigError, SamplingConfig, TrainConfig, load_task_config
 from mtmc_pipeline.data.groups import SharedGroup, read_groups
 from mtmc_pipeline.data.splits import read_manifest
-from mtmc_pipeline.runtime import resolve_runtime
+from mtmc_pipeline.runtime import DeviceSettings, resolve_runtime
 from mtmc_pipeline.stages.shared import run_shared_training
 from mtmc_pipeline.stages.training import run_training
 from mtmc_pipeline.training.adaptive import class_shares, draw_weights, per_class_metric
@@ -209,7 +209,8 @@ def test_a_group_of_one_trains_what_the_plain_task_trains(
     shutil.copytree(prepared, plain)
     shutil.copytree(prepared, grouped)
     config = TrainConfig(**{**RECIPE, "epochs": 2})
-    run_training(tiny_root / "pattern", TaskArtifacts(plain, "pattern"), config, CPU, print)
+    plain_art = TaskArtifacts(plain, "pattern")
+    run_training(tiny_root / "pattern", plain_art, config, DeviceSettings("cpu"), print)
     run_shared_training(
         SharedGroup(name="one", tasks=["pattern"]), tiny_root, grouped, config, CPU, print
     )
@@ -261,7 +262,7 @@ def test_a_plain_task_with_adaptive_sampling_logs_and_records_every_reset(
     stages.run_sampling(art, SamplingConfig(adaptive=True, adaptive_period=1))
     messages: list[str] = []
     config = TrainConfig(**{**RECIPE, "epochs": 2})
-    run_training(tiny_root / "pattern", art, config, CPU, messages.append)
+    run_training(tiny_root / "pattern", art, config, DeviceSettings("cpu"), messages.append)
     resets = [m for m in messages if "adaptive balancing from val recall" in m]
     assert len(resets) == 2
     history = af.read_parquet(art.model_dir / "history.parquet")

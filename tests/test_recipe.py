@@ -16,7 +16,7 @@ from mtmc_pipeline.artifacts import TaskArtifacts, read_json
 from mtmc_pipeline.config import TrainConfig, load_task_config
 from mtmc_pipeline.demo import write_pattern
 from mtmc_pipeline.errors import PretrainedUnavailableError
-from mtmc_pipeline.runtime import resolve_runtime
+from mtmc_pipeline.runtime import DeviceSettings
 from mtmc_pipeline.stages.training import run_training
 from mtmc_pipeline.training.budget import EpochPlanner
 from mtmc_pipeline.training.models import create_model, find_pretrained, load_bundle, save_bundle
@@ -212,7 +212,7 @@ def test_a_task_without_task_yaml_trains_end_to_end_in_its_budget(tmp_path: Path
     stages.run_splits(art, cfg.split)
     stages.run_sampling(art, cfg.sampling)
     lines: list[str] = []
-    result = run_training(task_dir, art, cfg.train, resolve_runtime("cpu"), lines.append)
+    result = run_training(task_dir, art, cfg.train, DeviceSettings("cpu"), lines.append)
     info = read_json(art.model_dir / "model.json")
     assert info["arch"] == "small_resnet_s1" and info["img_size"] == 32
     assert info["recipe"]["pretrained"] == {
@@ -226,5 +226,5 @@ def test_a_task_without_task_yaml_trains_end_to_end_in_its_budget(tmp_path: Path
     assert info["recipe_inputs"]["device"]["kind"] == "cpu"
     assert any(line.startswith("recipe: model = small_resnet_s1") for line in lines)
     assert "small_resnet_s1" in result.metadata["recipe"].text
-    again = run_training(task_dir, art, cfg.train, resolve_runtime("cpu"), lines.append)
+    again = run_training(task_dir, art, cfg.train, DeviceSettings("cpu"), lines.append)
     assert again.reused and again.fingerprint == result.fingerprint

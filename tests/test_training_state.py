@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from mtmc_pipeline import stages
 from mtmc_pipeline.artifacts import TaskArtifacts
 from mtmc_pipeline.config import load_task_config
-from mtmc_pipeline.runtime import resolve_runtime
+from mtmc_pipeline.runtime import DeviceSettings
 from mtmc_pipeline.stages.training import CHECKPOINT_FILE, run_training
 from mtmc_pipeline.training.checkpoint import Checkpoint
 
@@ -42,13 +42,13 @@ import sys
 from pathlib import Path
 from mtmc_pipeline.artifacts import TaskArtifacts
 from mtmc_pipeline.config import load_task_config
-from mtmc_pipeline.runtime import resolve_runtime
+from mtmc_pipeline.runtime import DeviceSettings
 from mtmc_pipeline.stages.training import run_training
 
 task_dir, root, recipe = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 cfg = load_task_config(task_dir, {"train": __import__("json").loads(recipe)})
 art = TaskArtifacts(root, "digits")
-run_training(task_dir, art, cfg.train, resolve_runtime("cpu"), lambda m: print(m, flush=True))
+run_training(task_dir, art, cfg.train, DeviceSettings("cpu"), lambda m: print(m, flush=True))
 """
 
 
@@ -142,7 +142,7 @@ def test_killed_training_resumes_and_ends_as_an_uninterrupted_run(
     shutil.copytree(killed.root, tmp_path / "whole")
     whole = TaskArtifacts(tmp_path / "whole", "digits")
     cfg = load_task_config(task_dir, {"train": RECIPE}).train
-    cpu = resolve_runtime("cpu")
+    cpu = DeviceSettings("cpu")
 
     _kill_after_epoch(task_dir, killed.root, 2)
     assert (killed.work_dir / CHECKPOINT_FILE).is_file()

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from mtmc_pipeline import artifacts as af
-from mtmc_pipeline.artifacts import TaskArtifacts, stored_fingerprint
+from mtmc_pipeline.artifacts import MODEL_FILE, TaskArtifacts, stored_fingerprint
 from mtmc_pipeline.config import CalibrationConfig, EvaluationConfig
 from mtmc_pipeline.evaluation.calibrate import (
     CALIBRATOR_FILE,
@@ -19,10 +19,8 @@ from mtmc_pipeline.evaluation.calibrate import (
     RELIABILITY_PNG,
     calibrate,
 )
-from mtmc_pipeline.evaluation.evaluate import evaluate_model
 from mtmc_pipeline.evaluation.multilabel_calibrate import calibrate_multilabel
-from mtmc_pipeline.evaluation.multilabel_evaluate import evaluate_multilabel
-from mtmc_pipeline.runtime import Runtime
+from mtmc_pipeline.runtime import DeviceSettings
 from mtmc_pipeline.stages.common import (
     CheckOutcome,
     Markdown,
@@ -33,7 +31,6 @@ from mtmc_pipeline.stages.common import (
     stage_fingerprint,
     upstream_fingerprint,
 )
-from mtmc_pipeline.training.models import MODEL_FILE
 
 _LOCAL_PNG = re.compile(r"!\[([^\]]*)\]\(([^()/\\]+\.png)\)")
 
@@ -49,8 +46,9 @@ def embed_pngs(markdown: str, directory: Path) -> str:
 
 
 def run_evaluation(
-    task_dir: Path, art: TaskArtifacts, config: EvaluationConfig, runtime: Runtime
+    task_dir: Path, art: TaskArtifacts, config: EvaluationConfig, device: DeviceSettings
 ) -> StageResult:
+    """Evaluate the model, or reuse the stored results: torch is imported only to predict."""
     start = time.perf_counter()
     fp = stage_fingerprint(
         "evaluation",
@@ -61,10 +59,15 @@ def run_evaluation(
     out = art.evaluation_dir
     reused = stored_fingerprint(out / "metrics.json") == fp
     if not reused:
+        from mtmc_pipeline.evaluation.evaluate import evaluate_model
+        from mtmc_pipeline.evaluation.multilabel_evaluate import evaluate_multilabel
+
         manifest = af.read_parquet(art.splits)
         multilabel = af.read_json(art.model_dir / MODEL_FILE).get("kind") == "multilabel"
         evaluate = evaluate_multilabel if multilabel else evaluate_model
-        ev = evaluate(art.model_dir, manifest, task_dir, art.work_dir / "cache", runtime, config)
+        ev = evaluate(
+            art.model_dir, manifest, task_dir, art.work_dir / "cache", device.resolve(), config
+        )
         with af.atomic_dir(out) as tmp:
             af.write_json(tmp / "metrics.json", {**ev.metrics, "fingerprint": fp})
             af.write_parquet(tmp / "per_class.parquet", ev.per_class)

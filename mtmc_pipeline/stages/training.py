@@ -6,8 +6,9 @@ the next time the same inputs and settings are materialised. The checkpoint is r
 the bundle is in place. Under torchrun every rank runs this stage and only rank 0 writes.
 
 Settings left at ``auto`` are resolved first (:mod:`mtmc_pipeline.training.recipe`), from the
-train images' sizes and modes in the integrity manifest, the device and the reachable
-pretrained weights; the resolved settings are what the fingerprint covers.
+train images' sizes and modes in the integrity manifest, the device class and the reachable
+pretrained weights; the resolved settings are what the fingerprint covers. Resolving them, and
+reusing a stored bundle, import no torch: the device class is probed without it.
 """
 
 from __future__ import annotations
@@ -16,17 +17,17 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from mtmc_pipeline import artifacts as af
-from mtmc_pipeline.artifacts import TaskArtifacts, stored_fingerprint
+from mtmc_pipeline.artifacts import MODEL_FILE, TaskArtifacts, stored_fingerprint
 from mtmc_pipeline.config import SamplingConfig, TrainConfig
 from mtmc_pipeline.data.multilabel_splits import is_multilabel
 from mtmc_pipeline.data.splits import read_manifest
 from mtmc_pipeline.plots import history_png
-from mtmc_pipeline.runtime import Runtime, resolve_runtime
+from mtmc_pipeline.runtime import DeviceSettings
 from mtmc_pipeline.stages.common import (
     Markdown,
     Png,
@@ -35,13 +36,10 @@ from mtmc_pipeline.stages.common import (
     stage_fingerprint,
     upstream_fingerprint,
 )
-from mtmc_pipeline.training import distributed
-from mtmc_pipeline.training.checkpoint import Checkpoint
-from mtmc_pipeline.training.distributed import SINGLE, Distributed
-from mtmc_pipeline.training.models import MODEL_FILE, find_pretrained, save_bundle
-from mtmc_pipeline.training.multitask import TaskData, train_as_group_of_one
 from mtmc_pipeline.training.recipe import DataProfile, DeviceProfile, Recipe, resolve_recipe
-from mtmc_pipeline.training.train import train_model
+
+if TYPE_CHECKING:
+    from mtmc_pipeline.training.distributed import Distributed
 
 CHECKPOINT_FILE = "model-checkpoint.safetensors"
 HISTORY_FILE = "history.parquet"
@@ -57,13 +55,19 @@ def run_training(
     task_dir: Path,
     art: TaskArtifacts,
     config: TrainConfig,
-    runtime: Runtime,
+    device: DeviceSettings,
     log: Callable[[str], None] = print,
-    dist: Distributed = SINGLE,
+    dist: Distributed | None = None,
 ) -> StageResult:
+    """Train, or reuse the stored bundle: torch is imported only to train.
+
+    The fingerprint holds the *requested* precision (``auto`` stays ``auto``), so a bundle is
+    reused on any machine that asks for the same; ``model.json`` records what was used.
+    """
     start = time.perf_counter()
     manifest, classes = read_manifest(art.splits)
-    recipe = task_recipe(art, manifest, len(classes), config, runtime, log)
+    probed = DeviceProfile.probe(device.device)
+    recipe = task_recipe(art, manifest, len(classes), config, probed, log)
     config = recipe.config
     for line in recipe.lines():
         log(f"recipe: {line}")
@@ -72,45 +76,58 @@ def run_training(
         upstream_fingerprint(art.splits, "splits"),
         upstream_fingerprint(art.sampling_weights, "sampling_weights"),
         config.model_dump(),
-        runtime.precision,
+        device.precision,
     )
     model_json = art.model_dir / MODEL_FILE
     reused = stored_fingerprint(model_json) == fp
     if not reused:
+        from mtmc_pipeline.training.checkpoint import Checkpoint
+        from mtmc_pipeline.training.distributed import SINGLE
+        from mtmc_pipeline.training.models import save_bundle
+        from mtmc_pipeline.training.multitask import TaskData, train_as_group_of_one
+        from mtmc_pipeline.training.train import train_model
+
+        dist = dist or SINGLE
         weights = af.read_parquet(art.sampling_weights)
         class_weight = None
         if config.class_weights:
             table = af.read_parquet(art.class_weights).sort_values("label")
             class_weight = table["class_weight"].tolist()
-        log(f"training {config.model} on {runtime.describe()} for task {art.task!r}")
-        checkpoint = Checkpoint(art.work_dir / CHECKPOINT_FILE, fp)
         sampling = sampling_config(art)
-        if sampling.adaptive:  # adaptive balancing is the multi-task loop's: a group of one
-            task = TaskData(
-                art.task,
-                manifest,
-                classes,
-                weights,
-                task_dir,
-                art.work_dir / "cache",
-                sampling,
-                class_weight=class_weight,
-            )
-            result = train_as_group_of_one(task, config, runtime, log, checkpoint)
-        else:
-            result = train_model(
-                manifest,
-                classes,
-                weights,
-                task_dir,
-                art.work_dir / "cache",
-                config,
-                runtime,
-                log,
-                checkpoint,
-                class_weight,
-                dist,
-            )
+        with device.acquire() as runtime:  # several GPUs: this training's own
+            log(f"training {config.model} on {runtime.describe()} for task {art.task!r}")
+            if runtime.device.type != recipe.device.kind:
+                log(
+                    f"warning: the recipe was resolved for {recipe.device.describe()}, but "
+                    f"training runs on {runtime.describe()}"
+                )
+            checkpoint = Checkpoint(art.work_dir / CHECKPOINT_FILE, fp)
+            if sampling.adaptive:  # adaptive balancing is the multi-task loop's: a group of one
+                task = TaskData(
+                    art.task,
+                    manifest,
+                    classes,
+                    weights,
+                    task_dir,
+                    art.work_dir / "cache",
+                    sampling,
+                    class_weight=class_weight,
+                )
+                result = train_as_group_of_one(task, config, runtime, log, checkpoint)
+            else:
+                result = train_model(
+                    manifest,
+                    classes,
+                    weights,
+                    task_dir,
+                    art.work_dir / "cache",
+                    config,
+                    runtime,
+                    log,
+                    checkpoint,
+                    class_weight,
+                    dist,
+                )
         info = {
             "arch": config.model,
             "class_names": classes,
@@ -181,11 +198,15 @@ def run_training_process(
     process's own GPU. Returns the result on rank 0 (the one that logs and writes), None on
     the other ranks.
     """
-    settings = {**device, "device": distributed.local_device(device.get("device", "auto"))}
-    runtime = resolve_runtime(**settings)
-    dist = distributed.from_env(runtime.device)
+    from mtmc_pipeline.training import distributed
+
+    settings = DeviceSettings(
+        **{**device, "device": distributed.local_device(device.get("device", "auto"))}
+    )
+    dist = distributed.from_env(settings.resolve().device)
     try:
-        result = run_training(task_dir, art, config, runtime, log if dist.is_main else _quiet, dist)
+        quiet = log if dist.is_main else _quiet
+        result = run_training(task_dir, art, config, settings, quiet, dist)
         dist.barrier()  # the bundle is in place before any process reports success
     finally:
         distributed.shutdown()
@@ -201,16 +222,21 @@ def task_recipe(
     manifest: pd.DataFrame,
     num_classes: int,
     config: TrainConfig,
-    runtime: Runtime,
+    device: DeviceProfile,
     log: Callable[[str], None] = print,
 ) -> Recipe:
-    """The resolved training settings of a task on this runtime."""
+    """The resolved training settings of a task on this device class."""
     return resolve_recipe(
-        config,
-        data_profile(art, manifest, num_classes),
-        DeviceProfile.from_runtime(runtime),
-        lambda m: find_pretrained(m, log),
+        config, data_profile(art, manifest, num_classes), device, lambda m: _weights(m, log)
     )
+
+
+def _weights(model: str, log: Callable[[str], None]) -> str | None:
+    """Where pretrained weights for ``model`` can be had (timm, and so torch, only asked when
+    the recipe wants weights)."""
+    from mtmc_pipeline.training.models import find_pretrained
+
+    return find_pretrained(model, log)
 
 
 def data_profile(art: TaskArtifacts, manifest: pd.DataFrame, num_classes: int) -> DataProfile:

@@ -18,14 +18,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mtmc_pipeline.artifacts import read_json, write_json
+from mtmc_pipeline.artifacts import MODEL_FILE, read_json, write_json
 from mtmc_pipeline.config import ConfigError
 from mtmc_pipeline.errors import PretrainedUnavailableError
 from mtmc_pipeline.runtime import Runtime
 from mtmc_pipeline.training import small_models  # noqa: F401  (registers them with timm)
 
 WEIGHTS_FILE = "weights.safetensors"
-MODEL_FILE = "model.json"
 _PREFIXES = ("module.", "model.", "_orig_mod.")
 
 

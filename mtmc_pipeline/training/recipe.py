@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from mtmc_pipeline.config import AUTO, TrainConfig
-from mtmc_pipeline.runtime import Runtime
+from mtmc_pipeline.runtime import Runtime  # a type only: this module imports no torch
 
 SMALL_SIDE = 64
 """Images up to about this many pixels train at their own size on a resolution-keeping stem."""
@@ -79,6 +79,39 @@ class DataProfile:
         )
 
 
+def _cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def _nvidia_gpus() -> list[tuple[str, float]]:
+    """(name, memory in GiB) of each GPU this process may use, as ``nvidia-smi`` lists them
+    (in ``CUDA_VISIBLE_DEVICES`` order when that holds indices); none without the tool."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        name, _, mib = line.rpartition(",")
+        try:
+            gpus.append((name.strip(), round(float(mib) / 1024, 1)))
+        except ValueError:
+            continue
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        picked = [int(i) for i in visible.split(",") if i.strip().isdigit()]
+        gpus = [gpus[i] for i in picked if i < len(gpus)]
+    return gpus
+
+
 @dataclass(frozen=True)
 class DeviceProfile:
     """The device class the recipe is resolved for."""
@@ -90,11 +123,31 @@ class DeviceProfile:
 
     @classmethod
     def from_runtime(cls, runtime: Runtime) -> DeviceProfile:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         if runtime.device.type != "cuda":
-            return cls(runtime.device.type, cores or 1)
+            return cls(runtime.device.type, _cores())
+        import torch
+
         props = torch.cuda.get_device_properties(runtime.device)
-        return cls("cuda", cores or 1, props.name, round(props.total_memory / 1024**3, 1))
+        return cls("cuda", _cores(), props.name, round(props.total_memory / 1024**3, 1))
+
+    @classmethod
+    def probe(cls, device: str) -> DeviceProfile:
+        """The device class a ``device`` setting (auto, cpu, cuda, cuda:N, mps) trains on,
+        found without importing torch (so that a stage which reuses its bundle never does):
+        the GPUs ``nvidia-smi`` lists, else the CPU. ``auto`` picks CUDA when present, as
+        :func:`~mtmc_pipeline.runtime.resolve_runtime` does."""
+        if device in ("cpu", "mps"):
+            return cls(device, _cores())
+        gpus = _nvidia_gpus()
+        index = int(device.partition(":")[2] or 0) if device.startswith("cuda") else 0
+        if index < len(gpus):
+            name, memory_gb = gpus[index]
+            return cls("cuda", _cores(), name, memory_gb)
+        if device.startswith("cuda"):  # a GPU nvidia-smi does not show: ask torch
+            from mtmc_pipeline.runtime import resolve_runtime
+
+            return cls.from_runtime(resolve_runtime(device))
+        return cls("cpu", _cores())
 
     def describe(self) -> str:
         if self.kind == "cuda":

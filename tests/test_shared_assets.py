@@ -10,11 +10,10 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from assets.automation import stale_assets
 from assets.definitions import build_definitions
 from mtmc_pipeline.cli import main
 from mtmc_pipeline.training.models import load_bundle
-from tests.test_automation import LEADERBOARD, TwoTasks, add_images, task_assets
+from tests.test_automation import LEADERBOARD, TwoTasks, add_images, stale_assets, task_assets
 
 ONE_EPOCH = "train:\n  model: test_resnet\n  img_size: 32\n  pretrained: false\n  epochs: 1\n"
 GROUP = dg.AssetKey(["shared", "letters", "model"])

@@ -3,9 +3,11 @@
 Each decoded image gets two small fingerprints in the integrity stage's decode pass: the
 perceptual hash of imagehash's ``phash`` (``perceptual_hash``: a 64-bit DCT hash of the grey
 image, 16 hex digits) and a 4x4 colour thumbnail (``colour_layout``, 48 bytes). The hash is
-imagehash's algorithm with the same bits (a test compares them), computed as one product
-with the 8 low-frequency rows of the DCT matrix: a call of ``imagehash.phash`` (scipy's DCT,
-numpy's median, a Pillow copy) costs about three times the decode of a small image.
+imagehash's algorithm with the same bits (a test compares them), computed with the 8
+low-frequency rows of the DCT matrix. Per image only Pillow's two reductions run (the 32 x 32
+grey image the hash is taken from, and the thumbnail); the hashes of a whole chunk of files
+are then one batched product, so numpy's per-call overhead is paid once per chunk, not per
+image (``imagehash.phash`` per image costs about three times the decode of a small image).
 
 Two images are near duplicates when their hashes differ in at most
 ``integrity.near_duplicate_distance`` bits and their thumbnails by at most
@@ -30,7 +32,7 @@ solid colour) get none and are never near duplicates of anything.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -49,25 +51,41 @@ _DCT = 2 * np.cos(
 )
 
 
-def phash_bits(grey: np.ndarray) -> np.ndarray:
-    """imagehash.phash of a 32 x 32 grey image (as float64): 64 booleans, row by row."""
-    low = (_DCT @ grey @ _DCT.T).ravel()
-    middle = np.sort(low)[31:33].mean()  # numpy's median of 64 values
-    return low > middle
-
-
-def fingerprint(img: Image.Image) -> tuple[str | None, bytes | None]:
-    """(perceptual hash as hex, colour thumbnail bytes) of a decoded image; (None, None) when
-    the image is flat or cannot be converted."""
+def reduced(img: Image.Image) -> tuple[bytes, bytes] | None:
+    """(32 x 32 grey image as imagehash.phash resizes it, 4 x 4 RGB thumbnail), as bytes, of a
+    decoded image; None when Pillow cannot convert its mode."""
     try:
-        small = img.convert("L").resize((_HASH_SIDE, _HASH_SIDE), Image.LANCZOS)
-        grey = np.asarray(small, dtype=np.float64)
-        if grey.std() < _FLAT_STD:
-            return None, None
-        thumb = img.convert("RGB").resize((THUMB_SIDE, THUMB_SIDE), Image.BOX)
-        return np.packbits(phash_bits(grey)).tobytes().hex(), thumb.tobytes()
+        grey = img.convert("L").resize((_HASH_SIDE, _HASH_SIDE), Image.LANCZOS)
+        rgb = img if img.mode == "RGB" else img.convert("RGB")
+        return grey.tobytes(), rgb.resize((THUMB_SIDE, THUMB_SIDE), Image.BOX).tobytes()
     except Exception:  # an exotic mode Pillow cannot convert: no fingerprint, no finding
-        return None, None
+        return None
+
+
+def phash_bits(greys: np.ndarray) -> np.ndarray:
+    """imagehash.phash of n 32 x 32 grey images (n x 32 x 32, float64): n x 64 booleans."""
+    low = (_DCT @ greys @ _DCT.T).reshape(len(greys), _LOW * _LOW)
+    middle = np.sort(low, axis=1)[:, 31:33].mean(axis=1)  # numpy's median of 64 values
+    return low > middle[:, None]
+
+
+def fingerprints(
+    smalls: Sequence[tuple[bytes, bytes] | None],
+) -> list[tuple[str | None, bytes | None]]:
+    """(perceptual hash as hex, thumbnail bytes) of each output of :func:`reduced`;
+    (None, None) for a missing or flat one."""
+    prints: list[tuple[str | None, bytes | None]] = [(None, None)] * len(smalls)
+    present = [(i, small) for i, small in enumerate(smalls) if small is not None]
+    if not present:
+        return prints
+    greys = np.frombuffer(b"".join(grey for _, (grey, _) in present), dtype=np.uint8)
+    greys = greys.reshape(len(present), _HASH_SIDE, _HASH_SIDE).astype(np.float64)
+    textured = greys.reshape(len(present), -1).std(axis=1) >= _FLAT_STD
+    packed = iter(np.packbits(phash_bits(greys[textured]), axis=1))
+    for (i, (_, thumb)), keep in zip(present, textured, strict=True):
+        if keep:
+            prints[i] = next(packed).tobytes().hex(), thumb
+    return prints
 
 
 def _chunks(max_distance: int) -> list[tuple[int, int]]:

@@ -23,7 +23,8 @@ threshold) is found when one of its chunks happens to be clean: with 7 chunks, f
 bits at random positions, in about 97% of pairs 8 bits apart, 85% at 10 and 69% at 12. The
 work is the number of candidate pairs, about ``m * n**2 / 2**(64 / m)`` for well-spread
 hashes, not ``n**2``; images whose hashes share a chunk value (very many near-identical
-pictures) cost more.
+pictures) cost more. A pair is compared in the first chunk it agrees on only, so many
+identical hashes cost one thumbnail comparison per pair, not one per chunk.
 
 Images too flat to have a meaningful hash (a grey standard deviation below 0.5: a blank or a
 solid colour) get none and are never near duplicates of anything.
@@ -131,10 +132,15 @@ def near_duplicate_pairs(
     # the mean of the 48 thumbnail values differs by at most their mean absolute difference:
     # pairs further apart in it cannot match and are never formed
     level = thumbs.mean(axis=1)
-    for shift, mask in _chunks(max_distance):
+    chunks = _chunks(max_distance)
+    for k, (shift, mask) in enumerate(chunks):
         keys = (hashes >> np.uint64(shift)) & np.uint64(mask)
+        earlier = [np.uint64(m << s) for s, m in chunks[:k]]
         for a, b in _same_key_pairs(keys, level, max_colour + 1e-9):
-            close = np.bitwise_count(hashes[a] ^ hashes[b]) <= max_distance
+            differ = hashes[a] ^ hashes[b]
+            close = np.bitwise_count(differ) <= max_distance
+            for bits in earlier:  # a pair equal in an earlier chunk was compared there
+                close &= (differ & bits) != 0
             a, b = a[close], b[close]
             same_colour = np.abs(thumbs[a] - thumbs[b]).mean(axis=1) <= max_colour
             found.append(np.stack([a[same_colour], b[same_colour]], axis=1))

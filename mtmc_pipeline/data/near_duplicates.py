@@ -6,10 +6,10 @@ image, 16 hex digits) and a 4x4 colour thumbnail (``colour_layout``, 48 bytes). 
 imagehash's algorithm with the same bits (a test compares them), computed with the 8
 low-frequency rows of the DCT matrix; only where coefficients tie with the median up to
 rounding (symmetric pictures, such as a solid colour with one pixel changed) can a bit differ
-from scipy's DCT. Per image only Pillow's two reductions run (the 32 x 32
-grey image the hash is taken from, and the thumbnail); the hashes of a whole chunk of files
-are then one batched product, so numpy's per-call overhead is paid once per chunk, not per
-image (``imagehash.phash`` per image costs about three times the decode of a small image).
+from scipy's DCT. Per image only Pillow's two reductions run (the 32 x 32 grey image the hash
+is taken from, and the thumbnail); the hashes of a whole chunk of files are then computed in
+one batch, so numpy's per-call overhead is paid once per chunk, not per image (a call of
+``imagehash.phash`` per image costs about three times the decode of a small image).
 
 Two images are near duplicates when their hashes differ in at most
 ``integrity.near_duplicate_distance`` bits and their thumbnails by at most

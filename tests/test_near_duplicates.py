@@ -13,7 +13,12 @@ from PIL import Image
 from mtmc_pipeline.config import IntegrityConfig
 from mtmc_pipeline.data.integrity import check_integrity
 from mtmc_pipeline.data.layout import scan_task
-from mtmc_pipeline.data.near_duplicates import fingerprint, group_labels, near_duplicate_pairs
+from mtmc_pipeline.data.near_duplicates import (
+    fingerprints,
+    group_labels,
+    near_duplicate_pairs,
+    reduced,
+)
 from mtmc_pipeline.demo import _draw, pattern_label_problems, write_pattern
 from mtmc_pipeline.stages.prepare import near_duplicate_preview
 from tests.images import write
@@ -113,14 +118,16 @@ def test_the_hash_is_imagehash_phash() -> None:
     pictures += [Image.fromarray(rng.integers(0, 255, (20, 30, 3), np.uint8)) for _ in range(40)]
     pictures.append(Image.new("RGB", (16, 16), (9, 9, 9)).convert("P"))
     pictures[-1].putpixel((3, 4), 200)
-    for img in pictures:
-        assert fingerprint(img)[0] == str(imagehash.phash(img))
+    hashes = [h for h, _ in fingerprints([reduced(img) for img in pictures])]  # one batch
+    assert hashes == [str(imagehash.phash(img)) for img in pictures]
 
 
 def test_flat_images_have_no_fingerprint() -> None:
-    assert fingerprint(Image.new("1", (1, 1))) == (None, None)  # flat
-    h, thumb = fingerprint(_draw(0, np.random.default_rng(2), 32))
+    flat, textured = Image.new("1", (1, 1)), _draw(0, np.random.default_rng(2), 32)
+    (none, no_thumb), (h, thumb) = fingerprints([reduced(flat), reduced(textured)])
+    assert none is None and no_thumb is None
     assert len(h) == 16 and len(thumb) == 48
+    assert fingerprints([None, reduced(textured)]) == [(None, None), (h, thumb)]
 
 
 def test_the_demo_plants_flips_and_near_copies_that_integrity_finds(tmp_path: Path) -> None:

@@ -38,10 +38,11 @@ from PIL import Image, ImageFile
 
 from mtmc_pipeline.config import IntegrityConfig
 from mtmc_pipeline.data.near_duplicates import (
-    fingerprint,
+    fingerprints,
     group_labels,
     hashes_and_thumbs,
     near_duplicate_pairs,
+    reduced,
 )
 
 # Stable issue codes. Never rename one: reports, checks and users' scripts match on them.
@@ -174,6 +175,18 @@ PerFile = tuple[
     str | None,
     bytes | None,
 ]
+# inspect_file's result: a PerFile still holding the reduced images instead of the fingerprint
+Inspected = tuple[
+    int | None,
+    int | None,
+    str | None,
+    str | None,
+    str | None,
+    list[str],
+    str | None,
+    bytes | None,
+    bytes | None,
+]
 _NO_PRINT = (None, None)  # perceptual_hash, colour_layout of a file that was not decoded
 
 
@@ -238,10 +251,11 @@ def _png_bit_depth(head: bytes) -> int | None:
     return head[24] if head[12:16] == b"IHDR" and len(head) > 24 else None
 
 
-def inspect_file(path: str, ext: str, limits: Limits) -> PerFile:
+def inspect_file(path: str, ext: str, limits: Limits) -> Inspected:
     """Read, hash and fully decode one file. Never raises: problems become issue codes.
 
-    Returns the values of ``PER_FILE_COLUMNS``.
+    Returns the values of ``PER_FILE_COLUMNS``, except that the last two are still the reduced
+    images of :func:`near_duplicates.reduced`: :func:`_inspect_chunk` hashes them in a batch.
     """
     issues: list[str] = []
     fd, size, why = _open_regular(path)
@@ -291,8 +305,8 @@ def inspect_file(path: str, ext: str, limits: Limits) -> PerFile:
         issues.append(HIGH_BIT_DEPTH)
     elif mode == "PA" or (mode == "P" and "transparency" in img.info):
         issues.append(PALETTE_ALPHA)
-    prints = fingerprint(img) if limits.fingerprints else _NO_PRINT
-    return width, height, mode, found, digest, issues, None, *prints
+    small = reduced(img) if limits.fingerprints else None
+    return width, height, mode, found, digest, issues, None, *(small or _NO_PRINT)
 
 
 @contextlib.contextmanager
@@ -310,7 +324,9 @@ def _decoder_settings() -> Iterator[None]:
 
 def _inspect_chunk(items: list[tuple[str, str]], limits: Limits) -> list[PerFile]:
     with _decoder_settings():
-        return [inspect_file(path, ext, limits) for path, ext in items]
+        rows = [inspect_file(path, ext, limits) for path, ext in items]
+    smalls = [(grey, thumb) if grey is not None else None for *_, grey, thumb in rows]
+    return [(*row[:-2], *prints) for row, prints in zip(rows, fingerprints(smalls), strict=True)]
 
 
 def _worker_count(config: IntegrityConfig) -> int:

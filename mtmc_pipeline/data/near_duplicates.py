@@ -3,9 +3,13 @@
 Each decoded image gets two small fingerprints in the integrity stage's decode pass: the
 perceptual hash of imagehash's ``phash`` (``perceptual_hash``: a 64-bit DCT hash of the grey
 image, 16 hex digits) and a 4x4 colour thumbnail (``colour_layout``, 48 bytes). The hash is
-imagehash's algorithm with the same bits (a test compares them), computed as one product
-with the 8 low-frequency rows of the DCT matrix: a call of ``imagehash.phash`` (scipy's DCT,
-numpy's median, a Pillow copy) costs about three times the decode of a small image.
+imagehash's algorithm with the same bits (a test compares them), computed with the 8
+low-frequency rows of the DCT matrix; only where coefficients tie with the median up to
+rounding (symmetric pictures, such as a solid colour with one pixel changed) can a bit differ
+from scipy's DCT. Per image only Pillow's two reductions run (the 32 x 32 grey image the hash
+is taken from, and the thumbnail); the hashes of a whole chunk of files are then computed in
+one batch, so numpy's per-call overhead is paid once per chunk, not per image (a call of
+``imagehash.phash`` per image costs about three times the decode of a small image).
 
 Two images are near duplicates when their hashes differ in at most
 ``integrity.near_duplicate_distance`` bits and their thumbnails by at most
@@ -21,7 +25,8 @@ threshold) is found when one of its chunks happens to be clean: with 7 chunks, f
 bits at random positions, in about 97% of pairs 8 bits apart, 85% at 10 and 69% at 12. The
 work is the number of candidate pairs, about ``m * n**2 / 2**(64 / m)`` for well-spread
 hashes, not ``n**2``; images whose hashes share a chunk value (very many near-identical
-pictures) cost more.
+pictures) cost more. A pair is compared in the first chunk it agrees on only, so many
+identical hashes cost one thumbnail comparison per pair, not one per chunk.
 
 Images too flat to have a meaningful hash (a grey standard deviation below 0.5: a blank or a
 solid colour) get none and are never near duplicates of anything.
@@ -30,7 +35,7 @@ solid colour) get none and are never near duplicates of anything.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -49,25 +54,48 @@ _DCT = 2 * np.cos(
 )
 
 
-def phash_bits(grey: np.ndarray) -> np.ndarray:
-    """imagehash.phash of a 32 x 32 grey image (as float64): 64 booleans, row by row."""
-    low = (_DCT @ grey @ _DCT.T).ravel()
-    middle = np.sort(low)[31:33].mean()  # numpy's median of 64 values
-    return low > middle
-
-
-def fingerprint(img: Image.Image) -> tuple[str | None, bytes | None]:
-    """(perceptual hash as hex, colour thumbnail bytes) of a decoded image; (None, None) when
-    the image is flat or cannot be converted."""
+def reduced(img: Image.Image) -> tuple[bytes, bytes] | None:
+    """(32 x 32 grey image as imagehash.phash resizes it, 4 x 4 RGB thumbnail), as bytes, of a
+    decoded image; None when Pillow cannot convert its mode."""
     try:
-        small = img.convert("L").resize((_HASH_SIDE, _HASH_SIDE), Image.LANCZOS)
-        grey = np.asarray(small, dtype=np.float64)
-        if grey.std() < _FLAT_STD:
-            return None, None
-        thumb = img.convert("RGB").resize((THUMB_SIDE, THUMB_SIDE), Image.BOX)
-        return np.packbits(phash_bits(grey)).tobytes().hex(), thumb.tobytes()
+        grey = img.convert("L").resize((_HASH_SIDE, _HASH_SIDE), Image.LANCZOS)
+        rgb = img if img.mode == "RGB" else img.convert("RGB")
+        return grey.tobytes(), rgb.resize((THUMB_SIDE, THUMB_SIDE), Image.BOX).tobytes()
     except Exception:  # an exotic mode Pillow cannot convert: no fingerprint, no finding
-        return None, None
+        return None
+
+
+def phash_bits(greys: np.ndarray) -> np.ndarray:
+    """imagehash.phash of n 32 x 32 grey images (n x 32 x 32, float64): n x 64 booleans."""
+    # einsum's own loops, not BLAS: OpenBLAS threads in each decode worker, on cores the other
+    # workers keep busy, made one batched matmul up to 30 times slower than this
+    rows = np.einsum("nab,jb->naj", greys, _DCT)
+    low = np.einsum("ia,naj->nij", _DCT, rows).reshape(len(greys), _LOW * _LOW)
+    middle = np.sort(low, axis=1)[:, 31:33].mean(axis=1)  # numpy's median of 64 values
+    return low > middle[:, None]
+
+
+def fingerprints(
+    smalls: Sequence[tuple[bytes, bytes] | None],
+) -> list[tuple[str | None, bytes | None]]:
+    """(perceptual hash as hex, thumbnail bytes) of each output of :func:`reduced`;
+    (None, None) for a missing or flat one."""
+    prints: list[tuple[str | None, bytes | None]] = [(None, None)] * len(smalls)
+    present = [(i, small) for i, small in enumerate(smalls) if small is not None]
+    if not present:
+        return prints
+    pixels = np.frombuffer(b"".join(grey for _, (grey, _) in present), dtype=np.uint8)
+    pixels = pixels.reshape(len(present), _HASH_SIDE * _HASH_SIDE).astype(np.int64)
+    # std >= _FLAT_STD in exact integers: n * sum(x^2) - sum(x)^2 >= (n * _FLAT_STD)^2
+    n = pixels.shape[1]
+    spread = n * np.einsum("ij,ij->i", pixels, pixels) - pixels.sum(axis=1) ** 2
+    textured = spread >= (n * _FLAT_STD) ** 2
+    greys = pixels[textured].reshape(-1, _HASH_SIDE, _HASH_SIDE).astype(np.float64)
+    packed = iter(np.packbits(phash_bits(greys), axis=1))
+    for (i, (_, thumb)), keep in zip(present, textured, strict=True):
+        if keep:
+            prints[i] = next(packed).tobytes().hex(), thumb
+    return prints
 
 
 def _chunks(max_distance: int) -> list[tuple[int, int]]:
@@ -113,10 +141,15 @@ def near_duplicate_pairs(
     # the mean of the 48 thumbnail values differs by at most their mean absolute difference:
     # pairs further apart in it cannot match and are never formed
     level = thumbs.mean(axis=1)
-    for shift, mask in _chunks(max_distance):
+    chunks = _chunks(max_distance)
+    for k, (shift, mask) in enumerate(chunks):
         keys = (hashes >> np.uint64(shift)) & np.uint64(mask)
+        earlier = [np.uint64(m << s) for s, m in chunks[:k]]
         for a, b in _same_key_pairs(keys, level, max_colour + 1e-9):
-            close = np.bitwise_count(hashes[a] ^ hashes[b]) <= max_distance
+            differ = hashes[a] ^ hashes[b]
+            close = np.bitwise_count(differ) <= max_distance
+            for bits in earlier:  # a pair equal in an earlier chunk was compared there
+                close &= (differ & bits) != 0
             a, b = a[close], b[close]
             same_colour = np.abs(thumbs[a] - thumbs[b]).mean(axis=1) <= max_colour
             found.append(np.stack([a[same_colour], b[same_colour]], axis=1))

@@ -195,13 +195,14 @@ def near_duplicate_preview(
     if members.empty:
         return {"near_duplicate_groups": 0}
     members = members.sort_values(["near_duplicate_group", "relpath"])
-    groups = [g.head(max_members) for _, g in members.groupby("near_duplicate_group")]
+    groups = members["near_duplicate_group"].unique()
+    shown = members[members["near_duplicate_group"].isin(groups[:max_groups])]
     rows = [
         [
             (str(task_dir / r.relpath), f"{r.split_dir}/{r.class_name}\n{r.status}")
-            for r in g.itertuples()
+            for r in g.head(max_members).itertuples()
         ]
-        for g in groups[:max_groups]
+        for _, g in shown.groupby("near_duplicate_group")
     ]
     table = members[["near_duplicate_group", "relpath", "class_name", "status", "issues"]]
     return {

@@ -53,7 +53,7 @@ def build_export_asset(
                 "export": overrides_of(config.export),
                 "promotion": overrides_of(config.promotion),
             }
-            cfg = load_task_config(task_dir, overrides)
+            cfg = load_task_config(task_dir, overrides, check_model=False)
             return run_export(task_dir, artifacts.task(task), cfg.export, cfg.promotion)
 
         yield from run(stage)

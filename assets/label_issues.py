@@ -37,9 +37,11 @@ def build_label_issues(task: str, task_dir: Path, spec: dict[str, Any]) -> dg.As
         from mtmc_pipeline.stages.label_quality import run_label_issues
 
         with user_errors(task_dir):
-            cfg = load_task_config(task_dir, {"label_quality": overrides_of(config)})
+            cfg = load_task_config(
+                task_dir, {"label_quality": overrides_of(config)}, check_model=False
+            )
             result = run_label_issues(
-                task_dir, artifacts.task(task), cfg, torch_device.runtime(), context.log.info
+                task_dir, artifacts.task(task), cfg, torch_device.settings(), context.log.info
             )
         return dg.MaterializeResult(
             data_version=dg.DataVersion(result.fingerprint), metadata=stage_metadata(result)

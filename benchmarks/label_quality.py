@@ -31,7 +31,7 @@ from mtmc_pipeline import stages
 from mtmc_pipeline.artifacts import TaskArtifacts
 from mtmc_pipeline.config import load_task_config
 from mtmc_pipeline.demo import pattern_label_problems, write_pattern
-from mtmc_pipeline.runtime import DeviceSettings, resolve_runtime
+from mtmc_pipeline.runtime import DeviceSettings
 from mtmc_pipeline.stages.label_quality import TABLE_FILE, label_issues_dir, run_label_issues
 from mtmc_pipeline.stages.reporting import run_evaluation
 from mtmc_pipeline.stages.training import run_training
@@ -96,8 +96,8 @@ def main() -> None:
         problems = pattern_label_problems()
         cfg = load_task_config(task, {"label_quality": {"enabled": True, "folds": args.folds}})
         art = TaskArtifacts(work / "artifacts", "pattern")
-        runtime = resolve_runtime("auto")
-        results: dict = {"device": runtime.describe()}
+        runtime = DeviceSettings("auto")
+        results: dict = {"device": runtime.resolve().describe()}
         start = time.perf_counter()
         stages.run_inventory(task, art, cfg.scan)
         stages.run_integrity(task, art, cfg.integrity)

@@ -34,6 +34,8 @@ FINGERPRINT_KEY = b"mtmc.fingerprint"
 DATA_VERSION_KEY = b"mtmc.data_version"
 META_KEY = b"mtmc.meta"
 MODEL_FILE = "model.json"
+ONNX_FILE = "model.onnx"  # T/export/: the served model
+SIDECAR_FILE = "export.json"  # beside it: what it needs to be used without this project
 """The model bundle's description (``<task>/model/model.json``); here so that reading it needs
 no torch."""
 

@@ -548,15 +548,18 @@ def load_task_config(
     """
     from_file = read_task_yaml(task_dir)
     context = {"check_model": check_model}
-    try:
-        TaskConfig.model_validate(from_file, context=context)
-    except ValidationError as e:
-        raise ConfigError(_describe(e, str(task_dir / TASK_FILE))) from None
     merged = _merge(from_file, overrides or {})
-    try:
-        return TaskConfig.model_validate(merged, context=context)
-    except ValidationError as e:
-        raise ConfigError(_describe(e, f"run config for task {task_dir.name!r}")) from None
+    for settings, source in (
+        (from_file, str(task_dir / TASK_FILE)),
+        (merged, f"run config for task {task_dir.name!r}"),
+    ):
+        try:
+            config = TaskConfig.model_validate(settings, context=context)
+        except ValidationError as e:
+            if not check_model:  # failing anyway: name every bad setting, the model too
+                load_task_config(task_dir, overrides, check_model=True)
+            raise ConfigError(_describe(e, source)) from None
+    return config
 
 
 def _default_text(field: Any) -> str:

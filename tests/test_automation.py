@@ -234,8 +234,8 @@ def test_new_evaluation_code_reruns_evaluation_and_calibration_not_the_model(
     monkeypatch.setitem(CODE_VERSIONS, "evaluation", "2")
     new_code = build_definitions(t.data_root, t.artifacts)
 
-    rerun = task_assets("digits", "evaluation", "calibration")
-    rerun |= task_assets("pattern", "evaluation", "calibration") | {LEADERBOARD}
+    rerun = task_assets("digits", "evaluation", "calibration", "export")
+    rerun |= task_assets("pattern", "evaluation", "calibration", "export") | {LEADERBOARD}
     assert t.dagster_stale(new_code) == task_assets("digits", "evaluation") | task_assets(
         "pattern", "evaluation"
     )
@@ -265,11 +265,11 @@ def test_nothing_is_requested_while_its_run_is_in_progress(
 
     second = t.tick(first.cursor, new_code)
     # pattern's assets (and the leaderboard, which reads them) wait for the run in progress
-    assert requested(second, graph) == task_assets("digits", "evaluation", "calibration")
+    assert requested(second, graph) == task_assets("digits", "evaluation", "calibration", "export")
 
     t.instance.report_run_failed(run)
     third = t.tick(second.cursor, new_code)
-    assert requested(third, graph) == busy | {LEADERBOARD}
+    assert requested(third, graph) == busy | task_assets("pattern", "export") | {LEADERBOARD}
 
 
 def test_automation_is_declared_with_its_defaults(tiny_root: Path, tmp_path: Path) -> None:

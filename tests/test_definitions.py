@@ -131,7 +131,7 @@ print(len(reused), all(reused), sorted(m for m in ("torch", "timm") if m in sys.
 """
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split("\n")[-2] == "15 True []"
+    assert out.stdout.split("\n")[-2] == "19 True []"  # 2 tasks x 9 stages + leaderboard
 
 
 def test_run_settings_are_read_when_the_run_starts(

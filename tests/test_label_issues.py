@@ -14,8 +14,7 @@ from mtmc_pipeline import stages
 from mtmc_pipeline.artifacts import TaskArtifacts
 from mtmc_pipeline.config import load_task_config
 from mtmc_pipeline.evaluation import label_issues as li
-from mtmc_pipeline.runtime import resolve_runtime
-from mtmc_pipeline.stages import label_quality
+from mtmc_pipeline.runtime import DeviceSettings
 from mtmc_pipeline.stages.label_quality import label_issues_dir, run_label_issues
 from tests.images import write
 
@@ -107,9 +106,11 @@ def test_stage_trains_fold_models_resumes_and_writes_the_review_list(
     stages.run_inventory(task, art, cfg.scan)
     stages.run_integrity(task, art, cfg.integrity)
     stages.run_splits(art, cfg.split, task)
-    runtime = resolve_runtime("cpu")
+    runtime = DeviceSettings("cpu")
 
-    real = label_quality.train_model
+    from mtmc_pipeline.training import train as training_loop
+
+    real = training_loop.train_model
     calls: list[int] = []
 
     def crash_on_second_fold(*args, **kwargs):
@@ -118,10 +119,10 @@ def test_stage_trains_fold_models_resumes_and_writes_the_review_list(
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(label_quality, "train_model", crash_on_second_fold)
+    monkeypatch.setattr(training_loop, "train_model", crash_on_second_fold)
     with pytest.raises(KeyboardInterrupt):
         run_label_issues(task, art, cfg, runtime, lambda _: None)
-    monkeypatch.setattr(label_quality, "train_model", real)
+    monkeypatch.setattr(training_loop, "train_model", real)
     logs: list[str] = []
     result = run_label_issues(task, art, cfg, runtime, logs.append)
     assert "label_issues: fold 1/2 reused" in logs  # the finished fold was not retrained
@@ -129,7 +130,8 @@ def test_stage_trains_fold_models_resumes_and_writes_the_review_list(
     out = label_issues_dir(art)
     table = pd.read_parquet(out / "label_issues.parquet")
     assert list(table.columns) == li.ISSUE_COLUMNS
-    assert len(table) == 40 and sorted(table["rank"]) == list(range(1, 41))
+    pool = 40 - round(0.2 * 16) * 2  # every train and val image; test (0.2 of train) is not
+    assert len(table) == pool and sorted(table["rank"]) == list(range(1, pool + 1))
     assert set(table["fold"]) == {0, 1}
     probs = np.stack(table["probabilities"].to_numpy())
     assert np.allclose(probs.sum(1), 1, atol=1e-5)

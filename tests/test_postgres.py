@@ -73,7 +73,7 @@ def test_postgres_instance_keeps_versions_and_staleness_across_a_restart(
         job = defs.resolve_implicit_global_asset_job_def()
         assert job.execute_in_process(instance=instance, run_config=ONE_EPOCH).success
         versions, staleness = versions_and_staleness(instance, defs)
-    assert len(versions) == 17 and None not in versions.values()
+    assert len(versions) == 21 and None not in versions.values()  # 2 x (raw + 9) + leaderboard
     assert set(staleness.values()) == {StaleStatus.FRESH}
 
     postgres.restart()

@@ -28,12 +28,10 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from mtmc_pipeline.artifacts import read_json
+from mtmc_pipeline.artifacts import SIDECAR_FILE, read_json
 from mtmc_pipeline.training.models import Preprocess
 
-ONNX_FILE = "model.onnx"
 TORCH_EXPORT_FILE = "model.pt2"
-SIDECAR_FILE = "export.json"
 METADATA_KEY = "mtmc"
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "logits"

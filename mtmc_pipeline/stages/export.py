@@ -13,33 +13,28 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from mtmc_pipeline import artifacts as af
-from mtmc_pipeline.artifacts import TaskArtifacts, stored_fingerprint
+from mtmc_pipeline.artifacts import (
+    MODEL_FILE,
+    ONNX_FILE,
+    SIDECAR_FILE,
+    TaskArtifacts,
+    stored_fingerprint,
+)
 from mtmc_pipeline.config import ExportConfig, PromotionConfig
 from mtmc_pipeline.evaluation.calibrate import CALIBRATOR_FILE
 from mtmc_pipeline.evaluation.openset import OpenSet
 from mtmc_pipeline.evaluation.promote import Promotion, compare, map_predictions
-from mtmc_pipeline.serving.export import (
-    ONNX_FILE,
-    SIDECAR_FILE,
-    TORCH_EXPORT_FILE,
-    ExportError,
-    OnnxModel,
-    PixelsToLogits,
-    batched,
-    export_onnx,
-    export_torch_program,
-    parity,
-    preprocessing,
-    speed,
-    torch_logits,
-)
+
+if TYPE_CHECKING:
+    from mtmc_pipeline.serving.export import OnnxModel
+    from mtmc_pipeline.training.models import Preprocess
+
 from mtmc_pipeline.stages.common import (
     CheckOutcome,
     StageResult,
@@ -47,12 +42,12 @@ from mtmc_pipeline.stages.common import (
     stage_fingerprint,
     upstream_fingerprint,
 )
-from mtmc_pipeline.training.loader import DecodedCache
-from mtmc_pipeline.training.models import MODEL_FILE, Preprocess, load_bundle
 
 
 def _pixels(rows: pd.DataFrame, task_dir: Path, cache_root: Path, pre: Preprocess) -> np.ndarray:
     """The model-sized uint8 images of ``rows`` (decoded once into the shared cache)."""
+    from mtmc_pipeline.training.loader import DecodedCache
+
     cache = DecodedCache(cache_root, pre.img_size, pre.interpolation)
     hashes = rows["content_hash"].tolist()
     cache.ensure([str(task_dir / r) for r in rows["relpath"]], hashes)
@@ -78,6 +73,8 @@ def _promotion(
     images: str,
     config: PromotionConfig,
 ) -> Promotion:
+    from mtmc_pipeline.serving.export import batched
+
     if served is None:
         return Promotion(True, "nothing is served yet: the first export is promoted")
     if served.info.get("model_fingerprint") == info.get("fingerprint"):
@@ -100,6 +97,8 @@ def _promotion(
 
 
 def _served(art: TaskArtifacts) -> OnnxModel | None:
+    from mtmc_pipeline.serving.export import ExportError, OnnxModel
+
     if not (art.export_dir / SIDECAR_FILE).is_file():
         return None
     try:
@@ -113,8 +112,25 @@ def build_export(
 ) -> dict[str, Any]:
     """Build the candidate export in a staging directory and swap it into place if it may be.
 
-    Returns the sidecar written (``promoted`` says where it went).
+    Returns the sidecar written (``promoted`` says where it went). The only part of the stage
+    that imports torch: a reused export does not.
     """
+    import torch
+
+    from mtmc_pipeline.serving.export import (
+        TORCH_EXPORT_FILE,
+        OnnxModel,
+        PixelsToLogits,
+        batched,
+        export_onnx,
+        export_torch_program,
+        parity,
+        preprocessing,
+        speed,
+        torch_logits,
+    )
+    from mtmc_pipeline.training.models import Preprocess, load_bundle
+
     torch.manual_seed(0)
     model, info = load_bundle(art.model_dir, "cpu")
     pre = Preprocess(

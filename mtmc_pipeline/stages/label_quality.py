@@ -26,9 +26,8 @@ from mtmc_pipeline.artifacts import TaskArtifacts, fingerprint, stored_fingerpri
 from mtmc_pipeline.config import TaskConfig
 from mtmc_pipeline.data.sampling import sampling_weights
 from mtmc_pipeline.data.splits import read_manifest
-from mtmc_pipeline.evaluation import label_issues as li
 from mtmc_pipeline.plots import thumbnails_png
-from mtmc_pipeline.runtime import Runtime
+from mtmc_pipeline.runtime import DeviceSettings, Runtime
 from mtmc_pipeline.stages.common import (
     Markdown,
     StageResult,
@@ -38,9 +37,6 @@ from mtmc_pipeline.stages.common import (
 )
 from mtmc_pipeline.stages.prepare import near_duplicate_preview
 from mtmc_pipeline.stages.reporting import embed_pngs
-from mtmc_pipeline.training.checkpoint import Checkpoint
-from mtmc_pipeline.training.loader import DecodedCache
-from mtmc_pipeline.training.train import train_model
 
 TABLE_FILE = "label_issues.parquet"
 SUGGESTIONS_FILE = "review-suggestions.csv"
@@ -59,9 +55,11 @@ def run_label_issues(
     task_dir: Path,
     art: TaskArtifacts,
     config: TaskConfig,
-    runtime: Runtime,
+    device: DeviceSettings,
     log: Callable[[str], None] = print,
 ) -> StageResult:
+    """Rank suspected label errors, or reuse the stored ranking: torch is imported only to
+    train the fold models."""
     start = time.perf_counter()
     lq = config.label_quality
     fp = stage_fingerprint(
@@ -70,15 +68,18 @@ def run_label_issues(
         lq.model_dump(),
         config.train.model_dump(),
         config.sampling.model_dump(),
-        runtime.precision,
+        device.precision,
     )
     out = label_issues_dir(art)
     if not lq.enabled:
         return _off(out, fp)
     reused = stored_fingerprint(out / TABLE_FILE) == fp
     if not reused:
+        from mtmc_pipeline.evaluation import label_issues as li
+
         manifest, classes = read_manifest(art.splits)
         pool = li.fold_pool(manifest, lq.folds, config.train.seed)
+        runtime = device.resolve()
         probabilities = _out_of_fold(task_dir, art, config, runtime, log, pool, classes, fp)
         table = li.rank_label_issues(pool, classes, probabilities, lq.method, lq.filter_by)
         found = li.summary(table, lq.folds, lq.method, lq.filter_by)
@@ -131,7 +132,18 @@ def _out_of_fold(
     classes: list[str],
     fp: str,
 ) -> np.ndarray:
-    """Each pool image's probabilities from the fold model that did not train on it."""
+    """Each pool image's probabilities from the fold model that did not train on it (the
+    task's own recipe, its ``auto`` settings resolved as the model stage resolves them)."""
+    from mtmc_pipeline.evaluation import label_issues as li
+    from mtmc_pipeline.stages.training import task_recipe
+    from mtmc_pipeline.training import train as training_loop
+    from mtmc_pipeline.training.checkpoint import Checkpoint
+    from mtmc_pipeline.training.loader import DecodedCache
+    from mtmc_pipeline.training.recipe import DeviceProfile
+
+    manifest, _ = read_manifest(art.splits)
+    device = DeviceProfile.from_runtime(runtime)
+    recipe = task_recipe(art, manifest, len(classes), config.train, device, log).config
     probabilities = np.zeros((len(pool), len(classes)), dtype=np.float32)
     folds = config.label_quality.folds
     for fold in range(folds):
@@ -148,10 +160,10 @@ def _out_of_fold(
         log(f"label_issues: training fold model {fold + 1}/{folds} on {int((~held).sum())} images")
         checkpoint = Checkpoint(art.work_dir / f"label-fold-{fold}.safetensors", fold_fp)
         cache_root = art.work_dir / "cache"
-        result = train_model(
-            rows, classes, weights, task_dir, cache_root, config.train, runtime, log, checkpoint
+        result = training_loop.train_model(
+            rows, classes, weights, task_dir, cache_root, recipe, runtime, log, checkpoint
         )
-        cache = DecodedCache(cache_root, config.train.img_size, result.preprocess.interpolation)
+        cache = DecodedCache(cache_root, recipe.img_size, result.preprocess.interpolation)
         probs = li.held_out_probabilities(
             result.model, result.preprocess, pool[held], cache, runtime
         )

@@ -126,6 +126,13 @@ class _HeadView(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.forward_task(x, self.k)
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's pooled feature (``logits_fp32`` runs it under autocast)."""
+        return self.net.backbone(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net.heads[self.k](features)
+
 
 def _linear_classifier(model: nn.Module, arch: str) -> nn.Linear:
     head = model.get_classifier()

@@ -49,11 +49,14 @@ def nowhere(model: str) -> None:
 def test_tiny_grey_images_on_a_cpu_keep_their_size_and_get_the_cpu_budget() -> None:
     recipe = resolve_recipe(TrainConfig(), TINY_GREY, TWO_CORES, nowhere)
     cfg = recipe.config
-    assert (cfg.model, cfg.img_size, cfg.pretrained) == ("small_resnet_s1", 28, False)
+    assert (cfg.model, cfg.img_size, cfg.pretrained) == ("resnet10t", 28, False)
     assert cfg.batch_size == 64 and 0 < cfg.lr < 0.01
     assert cfg.time_budget_minutes == pytest.approx(7.5)  # ~12,000 small images: ~8 minutes
     assert set(recipe.reasons) == AUTO_SETTINGS and all(recipe.reasons.values())
-    assert recipe.as_json()["model"]["value"] == "small_resnet_s1"
+    assert recipe.as_json()["model"]["value"] == "resnet10t"
+    textures = DataProfile(64, False, 5, 376, 16)  # on a CPU, 64-px images train at 32 px
+    small = resolve_recipe(TrainConfig(), textures, TWO_CORES, nowhere).config
+    assert (small.model, small.img_size, small.batch_size) == ("resnet10t", 32, 32)
     half = DataProfile(28, True, 10, 6_000, 500)
     assert resolve_recipe(TrainConfig(), half, TWO_CORES, nowhere).config.time_budget_minutes == (
         pytest.approx(3.75)
@@ -214,17 +217,17 @@ def test_a_task_without_task_yaml_trains_end_to_end_in_its_budget(tmp_path: Path
     lines: list[str] = []
     result = run_training(task_dir, art, cfg.train, DeviceSettings("cpu"), lines.append)
     info = read_json(art.model_dir / "model.json")
-    assert info["arch"] == "small_resnet_s1" and info["img_size"] == 32
+    assert info["arch"] == "resnet10t" and info["img_size"] == 32
     assert info["recipe"]["pretrained"] == {
         "value": False,
-        "reason": "no weights for small_resnet_s1 reachable: from scratch",
+        "reason": "no weights for resnet10t reachable: from scratch",
     }
     assert set(info["recipe"]) == AUTO_SETTINGS - {"time_budget_minutes"}  # set in run config
     assert 1 <= info["epochs_run"] <= info["epochs_planned"] <= 60
     assert "time budget 0.05 min" in info["time_budget"]
     assert info["recipe_inputs"]["data"]["median_side"] == 32
     assert info["recipe_inputs"]["device"]["kind"] == "cpu"
-    assert any(line.startswith("recipe: model = small_resnet_s1") for line in lines)
-    assert "small_resnet_s1" in result.metadata["recipe"].text
+    assert any(line.startswith("recipe: model = resnet10t") for line in lines)
+    assert "resnet10t" in result.metadata["recipe"].text
     again = run_training(task_dir, art, cfg.train, DeviceSettings("cpu"), lines.append)
     assert again.reused and again.fingerprint == result.fingerprint

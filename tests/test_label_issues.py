@@ -135,7 +135,7 @@ def test_stage_trains_fold_models_resumes_and_writes_the_review_list(
     assert set(table["fold"]) == {0, 1}
     probs = np.stack(table["probabilities"].to_numpy())
     assert np.allclose(probs.sum(1), 1, atol=1e-5)
-    assert result.metadata["images"] == 40 and "report" in result.metadata
+    assert result.metadata["images"] == pool and "report" in result.metadata
     report = (out / "report.md").read_text("utf-8")
     assert "# Label quality" in report and (out / "suspects.png").stat().st_size > 0
     again = run_label_issues(task, art, cfg, runtime, lambda _: None)

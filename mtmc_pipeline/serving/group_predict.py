@@ -76,7 +76,7 @@ class GroupPredictor:
             if good:
                 heads = self.logits(np.stack([decoded[i] for i in good]))
                 described = [
-                    m._describe(logits, min_precision)
+                    m._describe(logits, min_precision, use_lower_bound=False)
                     for m, logits in zip(self.members, heads, strict=True)
                 ]
             for i, (path, d) in enumerate(zip(chunk, decoded, strict=True)):

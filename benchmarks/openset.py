@@ -82,9 +82,7 @@ def main() -> None:
 
         model, info = load_bundle(art.model_dir)
         model = model.to(memory_format=torch.contiguous_format)
-        pre = Preprocess(
-            info["img_size"], tuple(info["mean"]), tuple(info["std"]), info["interpolation"]
-        )
+        pre = Preprocess.from_info(info)
         manifest = af.read_parquet(art.splits)
         task_dir = data / args.task
 

@@ -144,7 +144,7 @@ def test_group_stage_writes_bundles_whose_logits_match(
     joint, info = load_joint_bundle(group_dir(root, group.name) / "model")
     assert [t["task"] for t in info["tasks"]] == ["digits", "pattern"]
     x = torch.rand(6, 3, 32, 32) * 255
-    normalize = Normalize(_pre(info), CPU.device, channels_last=True)
+    normalize = Normalize(Preprocess.from_info(info), CPU.device, channels_last=True)
     with torch.no_grad():
         together = joint(normalize(x))
         for k, task in enumerate(group.tasks):
@@ -157,10 +157,6 @@ def test_group_stage_writes_bundles_whose_logits_match(
     assert history["frozen"].tolist() == [False, True]  # the late freeze
     again = run_shared_training(group, tiny_root, root, config, CPU, lambda _: None)
     assert again.reused
-
-
-def _pre(info: dict) -> Preprocess:
-    return Preprocess(info["img_size"], info["mean"], info["std"], info["interpolation"])
 
 
 class _KilledAfter(Checkpoint):

@@ -138,9 +138,7 @@ def evaluate_model(
     model, info = load_bundle(bundle_dir, runtime.device)
     names: list[str] = info["class_names"]
     kind = ovr_score_kind(config, info)
-    pre = Preprocess(
-        info["img_size"], tuple(info["mean"]), tuple(info["std"]), info["interpolation"]
-    )
+    pre = Preprocess.from_info(info)
     cache = DecodedCache(cache_root, pre.img_size, pre.interpolation)
     normalize = Normalize(pre, runtime.device, channels_last=True)
     rows = manifest[manifest["split"].isin(EVAL_SPLITS)].reset_index(drop=True)

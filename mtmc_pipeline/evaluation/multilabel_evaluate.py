@@ -62,9 +62,7 @@ def evaluate_multilabel(
     names: list[str] = info["class_names"]
     k = len(names)
     threshold = logit_threshold(config.ovr_threshold)
-    pre = Preprocess(
-        info["img_size"], tuple(info["mean"]), tuple(info["std"]), info["interpolation"]
-    )
+    pre = Preprocess.from_info(info)
     cache = DecodedCache(cache_root, pre.img_size, pre.interpolation)
     normalize = Normalize(pre, runtime.device, channels_last=True)
     rows = manifest[manifest["split"].isin(EVAL_SPLITS)].reset_index(drop=True)

@@ -110,9 +110,7 @@ class Predictor:
         self.decode_threads = decode_threads
         self.model, info = load_bundle(task_artifacts / "model", self.runtime.device)
         self.class_names: list[str] = info["class_names"]
-        self.pre = Preprocess(
-            info["img_size"], tuple(info["mean"]), tuple(info["std"]), info["interpolation"]
-        )
+        self.pre = Preprocess.from_info(info)
         path = task_artifacts / "calibration" / CALIBRATOR_FILE
         data = read_json(path)
         self.multilabel = data.get("kind") == "multilabel"

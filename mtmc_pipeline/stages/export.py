@@ -133,9 +133,7 @@ def build_export(
 
     torch.manual_seed(0)
     model, info = load_bundle(art.model_dir, "cpu")
-    pre = Preprocess(
-        info["img_size"], tuple(info["mean"]), tuple(info["std"]), info["interpolation"]
-    )
+    pre = Preprocess.from_info(info)
     module = PixelsToLogits(model, pre).eval()
     manifest = af.read_parquet(art.splits)
     cache_root = art.work_dir / "cache"

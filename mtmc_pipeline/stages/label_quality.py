@@ -80,7 +80,9 @@ def run_label_issues(
         manifest, classes = read_manifest(art.splits)
         pool = li.fold_pool(manifest, lq.folds, config.train.seed)
         runtime = device.resolve()
-        probabilities = _out_of_fold(task_dir, art, config, runtime, log, pool, classes, fp)
+        probabilities = _out_of_fold(
+            task_dir, art, config, runtime, log, manifest, pool, classes, fp
+        )
         table = li.rank_label_issues(pool, classes, probabilities, lq.method, lq.filter_by)
         found = li.summary(table, lq.folds, lq.method, lq.filter_by)
         integrity = af.read_parquet(art.integrity)
@@ -128,6 +130,7 @@ def _out_of_fold(
     config: TaskConfig,
     runtime: Runtime,
     log: Callable[[str], None],
+    manifest: pd.DataFrame,
     pool: pd.DataFrame,
     classes: list[str],
     fp: str,
@@ -141,7 +144,6 @@ def _out_of_fold(
     from mtmc_pipeline.training.loader import DecodedCache
     from mtmc_pipeline.training.recipe import DeviceProfile
 
-    manifest, _ = read_manifest(art.splits)
     device = DeviceProfile.from_runtime(runtime)
     recipe = task_recipe(art, manifest, len(classes), config.train, device, log).config
     probabilities = np.zeros((len(pool), len(classes)), dtype=np.float32)

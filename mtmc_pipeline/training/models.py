@@ -198,6 +198,11 @@ class Preprocess:
         cfg = timm.data.resolve_model_data_config(model)
         return cls(img_size, tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"])
 
+    @classmethod
+    def from_info(cls, info: dict[str, Any]) -> Preprocess:
+        """What a bundle's ``model.json`` records of its preprocessing."""
+        return cls(info["img_size"], tuple(info["mean"]), tuple(info["std"]), info["interpolation"])
+
 
 def save_bundle(directory: Path, model: nn.Module, info: dict[str, Any]) -> None:
     """Write ``weights.safetensors`` and ``model.json`` (``info`` must hold arch and classes)."""

@@ -28,7 +28,7 @@ from assets.config import (
     TrainOverrides,
     overrides_of,
 )
-from assets.deployment import training_op_tags
+from assets.deployment import training_step
 from assets.export import CHECKS as EXPORT_CHECKS
 from assets.export import build_export_asset
 from assets.label_issues import build_label_issues
@@ -260,8 +260,7 @@ def build_task_assets(
 
     @dg.asset(
         **spec_kwargs("model", ["splits", "sampling_weights"]),
-        pool="gpu",
-        op_tags=training_op_tags(),
+        **training_step(),
         description="A timm classifier trained on the train split; best epoch on val.",
     )
     def model(

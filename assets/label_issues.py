@@ -11,6 +11,7 @@ from typing import Any
 import dagster as dg
 
 from assets.config import OVERRIDES, overrides_of
+from assets.deployment import training_step
 from assets.metadata import stage_metadata
 from assets.resources import ArtifactStore, TorchDevice
 from mtmc_pipeline.config import load_task_config
@@ -24,7 +25,7 @@ def build_label_issues(task: str, task_dir: Path, spec: dict[str, Any]) -> dg.As
 
     @dg.asset(
         **spec,
-        pool="gpu",
+        **training_step(),
         description="Out-of-fold suspected label errors (cleanlab) and a review list with "
         "thumbnails; off unless label_quality.enabled.",
     )

@@ -10,6 +10,7 @@ import dagster as dg
 
 from assets.automation import RETRAIN
 from assets.config import TrainOverrides, overrides_of
+from assets.deployment import training_step
 from assets.factory import task_key, user_errors
 from assets.metadata import stage_metadata
 from assets.resources import ArtifactStore, TorchDevice
@@ -38,7 +39,7 @@ def build_group_model(group: SharedGroup, data_root: Path) -> dg.AssetsDefinitio
         # version, so that editing them (and reloading) marks the group stale
         code_version=f"{stages.CODE_VERSIONS['shared_model']}-{fingerprint(group.model_dump())}",
         automation_condition=RETRAIN,
-        pool="gpu",
+        **training_step(),
         kinds={"pytorch"},
         tags={"shared_group": task_key(group.name)},
         description=f"One backbone, one head per task: {', '.join(group.tasks)} "

@@ -12,6 +12,7 @@ import dagster as dg
 import pytest
 
 from assets.definitions import build_definitions
+from assets.deployment import TRAINING_POOL, TRAINING_TAG, DeploymentSettingError
 from assets.factory import STAGES, task_key
 from assets.resources import ArtifactStore, TorchDevice, default_resources
 from mtmc_pipeline.stages import CODE_VERSIONS
@@ -121,6 +122,7 @@ import sys
 from pathlib import Path
 import dagster as dg
 from assets.definitions import build_definitions
+from assets.deployment import TRAINING_POOL, TRAINING_TAG, DeploymentSettingError
 
 defs = build_definitions(Path({str(data)!r}), Path({str(artifacts)!r}))
 with dg.instance_for_test() as instance:
@@ -149,3 +151,23 @@ def test_run_settings_are_read_when_the_run_starts(
 
     result = dg.materialize([settings], resources=resources)
     assert result.output_for_node("settings") == (str(tmp_path / "at-run"), 3)
+
+
+def test_every_training_step_is_held_back_by_the_executor(
+    tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps in the gpu pool carry the training tag the executor limits per run, so a waiting
+    training makes no pool claim (whose retry interval grows to 15 s)."""
+    monkeypatch.setenv("MTMC_TRAININGS_PER_RUN", "2")
+    defs = build_definitions(tiny_root, tmp_path)
+    graph = defs.resolve_asset_graph()
+    in_pool = [k for k in graph.get_all_asset_keys() if graph.get(k).pools == {TRAINING_POOL}]
+    assert {k.path[-1] for k in in_pool} == {"model", "label_issues"}
+    for key in in_pool:
+        assert defs.resolve_assets_def(key).op.tags[TRAINING_TAG] == "true"
+    executor = defs.resolve_implicit_global_asset_job_def().executor_def
+    config = executor.apply_config_mapping({}).value["config"]
+    assert config["tag_concurrency_limits"] == [{"key": TRAINING_TAG, "limit": 2}]
+    monkeypatch.setenv("MTMC_TRAININGS_PER_RUN", "0")
+    with pytest.raises(DeploymentSettingError, match="MTMC_TRAININGS_PER_RUN='0'"):
+        build_definitions(tiny_root, tmp_path)

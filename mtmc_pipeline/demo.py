@@ -2,7 +2,8 @@
 
 - ``digits``: the real handwritten digits shipped with scikit-learn (``load_digits``), written
   as 32x32 PNGs in the flat layout ``digits/<0..9>/``, so the pipeline must make the split.
-- ``pattern``: procedurally drawn textures in ``train/`` and ``val/`` folders, with Chinese
+- ``pattern``: procedurally drawn textures in ``train/``, ``val/`` and ``test/`` folders (so
+  no test images are carved out of its small train split), with Chinese
   class names, deliberately imbalanced, plus planted problems the integrity stage must catch:
   a zero-byte file, a truncated JPEG, a text file named ``.jpg`` and an image copied into both
   train and val. The full-size pattern task also has label-quality problems
@@ -34,7 +35,7 @@ PATTERN_CLASSES = (
     "纯色",
 )  # stripes, checks, dots, gradient, solid
 PATTERN_TRAIN = (200, 120, 80, 40, 20)
-PATTERN_VAL = (40, 30, 20, 12, 8)
+PATTERN_VAL = (40, 30, 20, 12, 8)  # and as many in test/
 PLANTED = {
     "empty": "train/条纹/空文件.jpg",
     "truncated": "train/格子/truncated.jpg",
@@ -138,13 +139,16 @@ def write_pattern(
     size: int = 64,
     seed: int = 0,
     label_problems: bool = True,
+    test_counts: tuple[int, ...] | None = None,
 ) -> int:
-    """The texture task with its planted problems; returns the number of files written."""
+    """The texture task with its planted problems; returns the number of files written.
+    ``test_counts`` defaults to ``val_counts``."""
     rng = np.random.default_rng(seed)
     written = 0
     first_image: dict[str, bytes] = {}
     flips = pattern_label_problems(train_counts, seed).flips if label_problems else {}
-    for split, counts in (("train", train_counts), ("val", val_counts)):
+    splits = (("train", train_counts), ("val", val_counts), ("test", test_counts or val_counts))
+    for split, counts in splits:
         for kind, (name, n) in enumerate(zip(PATTERN_CLASSES, counts, strict=True)):
             for j in range(n):
                 img = _draw(kind, rng, size)

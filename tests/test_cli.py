@@ -190,7 +190,7 @@ def test_demo_data_is_deterministic_and_leaves_unchanged_files_alone(tmp_path: P
     from tests.conftest import tree_digest
 
     first = write_demo(tmp_path / "a", small=True)
-    assert first["digits"] == 120 and first["pattern"] == 94 + 4  # images + planted files
+    assert first["digits"] == 120 and first["pattern"] == 94 + 24 + 4  # train, val, test, planted
     write_demo(tmp_path / "b", small=True)
     digest = tree_digest(tmp_path / "a")
     again = write_demo(tmp_path / "a", small=True)

@@ -19,7 +19,7 @@ from mtmc_pipeline.demo import write_pattern
 from mtmc_pipeline.errors import PretrainedUnavailableError
 from mtmc_pipeline.runtime import DeviceSettings
 from mtmc_pipeline.stages.training import run_training
-from mtmc_pipeline.training.budget import EpochPlanner
+from mtmc_pipeline.training.budget import EpochPlanner, refit_epochs
 from mtmc_pipeline.training.models import create_model, find_pretrained, load_bundle, save_bundle
 from mtmc_pipeline.training.recipe import DataProfile, DeviceProfile, resolve_recipe
 from mtmc_pipeline.training.schedules import build_schedule
@@ -50,14 +50,14 @@ def nowhere(model: str) -> None:
 def test_tiny_grey_images_on_a_cpu_keep_their_size_and_get_the_cpu_budget() -> None:
     recipe = resolve_recipe(TrainConfig(), TINY_GREY, TWO_CORES, nowhere)
     cfg = recipe.config
-    assert (cfg.model, cfg.img_size, cfg.pretrained) == ("resnet10t", 28, False)
+    assert (cfg.model, cfg.img_size, cfg.pretrained) == ("small_resnet_s1", 28, False)
     assert cfg.batch_size == 64 and 0 < cfg.lr < 0.01
     assert cfg.time_budget_minutes == pytest.approx(7.5)  # ~12,000 small images: ~8 minutes
     assert set(recipe.reasons) == AUTO_SETTINGS and all(recipe.reasons.values())
-    assert recipe.as_json()["model"]["value"] == "resnet10t"
-    textures = DataProfile(64, False, 5, 376, 16)  # on a CPU, 64-px images train at 32 px
+    assert recipe.as_json()["model"]["value"] == "small_resnet_s1"
+    textures = DataProfile(64, False, 5, 376, 16)  # never halved: fine textures would blur
     small = resolve_recipe(TrainConfig(), textures, TWO_CORES, nowhere).config
-    assert (small.model, small.img_size, small.batch_size) == ("resnet10t", 32, 32)
+    assert (small.model, small.img_size, small.batch_size) == ("small_resnet_s2", 64, 32)
     half = DataProfile(28, True, 10, 6_000, 500)
     assert resolve_recipe(TrainConfig(), half, TWO_CORES, nowhere).config.time_budget_minutes == (
         pytest.approx(3.75)
@@ -196,6 +196,16 @@ def test_the_budget_bounds_the_epochs() -> None:
     assert plans[:-1] == [None] * 8 and plans[-1] == 50  # 8 steps timed after the first
 
 
+def test_the_epochs_are_fitted_again_after_every_epoch() -> None:
+    """A first measurement made while another step shared the CPU is corrected: the mean epoch
+    time so far decides, within the cap and never below what is done."""
+    slow_start = [3.0, 1.0, 1.0, 1.0]  # 1.5 s a mean epoch: 60 s fit 40
+    assert refit_epochs(60.0, 50, slow_start) == 40
+    assert refit_epochs(60.0, 30, slow_start) == 30  # capped
+    assert refit_epochs(60.0, 50, [30.0, 40.0]) == 2  # over the budget: stop now
+    assert refit_epochs(60.0, 50, [0.0]) == 50
+
+
 def test_a_compressed_cosine_ends_at_its_floor() -> None:
     cfg = TrainConfig(lr=1.0, epochs=60, warmup_epochs=1, min_lr_ratio=0.01)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -209,7 +219,7 @@ def test_a_task_without_task_yaml_trains_end_to_end_in_its_budget(tmp_path: Path
     task_dir = tmp_path / "data" / "pattern"
     write_pattern(task_dir, (16, 12, 10, 8, 8), (4, 4, 4, 4, 4), size=32)
     assert not (task_dir / "task.yaml").exists()
-    cfg = load_task_config(task_dir, {"train": {"time_budget_minutes": 0.05}})
+    cfg = load_task_config(task_dir, {"train": {"time_budget_minutes": 0.05, "patience": 60}})
     art = TaskArtifacts(tmp_path / "artifacts", "pattern")
     stages.run_inventory(task_dir, art, cfg.scan)
     stages.run_integrity(task_dir, art, cfg.integrity)
@@ -218,21 +228,21 @@ def test_a_task_without_task_yaml_trains_end_to_end_in_its_budget(tmp_path: Path
     lines: list[str] = []
     result = run_training(task_dir, art, cfg.train, DeviceSettings("cpu"), lines.append)
     info = read_json(art.model_dir / "model.json")
-    assert info["arch"] == "resnet10t" and info["img_size"] == 32
+    assert info["arch"] == "small_resnet_s1" and info["img_size"] == 32
     assert info["recipe"]["pretrained"] == {
         "value": False,
-        "reason": "no weights for resnet10t reachable: from scratch",
+        "reason": "no weights for small_resnet_s1 reachable: from scratch",
     }
     assert set(info["recipe"]) == AUTO_SETTINGS - {"time_budget_minutes"}  # set in run config
-    planned = info["epochs_planned"]  # a 3-second budget fits fewer epochs than patience
-    assert info["epochs_run"] == planned < 10
+    planned = info["epochs_planned"]  # a 3-second budget, not early stopping, ends the run
+    assert info["epochs_run"] == planned < 60
     assert "time budget 0.05 min" in info["time_budget"]
-    assert f": {planned} epoch(s) (at most 60)" in info["time_budget"]
+    assert info["time_budget"].endswith(f": {planned} epoch(s)")  # its last fit
     history = pd.read_parquet(art.model_dir / "history.parquet")
     assert history["epoch"].tolist() == list(range(planned))
     assert info["recipe_inputs"]["data"]["median_side"] == 32
     assert info["recipe_inputs"]["device"]["kind"] == "cpu"
-    assert any(line.startswith("recipe: model = resnet10t") for line in lines)
-    assert "resnet10t" in result.metadata["recipe"].text
+    assert any(line.startswith("recipe: model = small_resnet_s1") for line in lines)
+    assert "small_resnet_s1" in result.metadata["recipe"].text
     again = run_training(task_dir, art, cfg.train, DeviceSettings("cpu"), lines.append)
     assert again.reused and again.fingerprint == result.fingerprint

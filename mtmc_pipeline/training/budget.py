@@ -5,12 +5,18 @@ whose kernel selection and allocation are not typical), adds an estimate of each
 validation pass, and fits the number of epochs to the budget, at most ``max_epochs``. The
 training loop then rebuilds its learning-rate schedule for that many epochs, so the schedule
 is compressed to end at its floor on the last epoch instead of being cut off.
+
+After every epoch the loop fits the epochs again with :func:`refit_epochs`, from the mean
+time of the epochs done, as Ultralytics does: a first measurement taken while another step
+shared the CPU (the demo evaluates one task while it trains the next) would otherwise leave
+most of the budget unused.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 PROBE_STEPS = 8
@@ -59,3 +65,20 @@ class EpochPlanner:
             f"time budget {self.budget_seconds / 60:.2f} min at {rate:.0f} train images/s "
             f"measured: {epochs} epoch(s) (at most {self.max_epochs})"
         )
+
+
+def refit_epochs(budget_seconds: float, max_epochs: int, epoch_seconds: Sequence[float]) -> int:
+    """Epochs that fit the budget at the mean duration (training and validation) of the epochs
+    done so far: at most ``max_epochs``, and never fewer than are done."""
+    done = len(epoch_seconds)
+    mean = sum(epoch_seconds) / done
+    fitted = math.floor(budget_seconds / mean) if mean > 0 else max_epochs
+    return max(done, min(max_epochs, fitted))
+
+
+def describe_refit(budget_seconds: float, epoch_seconds: Sequence[float], epochs: int) -> str:
+    mean = sum(epoch_seconds) / len(epoch_seconds)
+    return (
+        f"time budget {budget_seconds / 60:.2f} min at {mean:.2f} s per epoch over "
+        f"{len(epoch_seconds)} epoch(s): {epochs} epoch(s)"
+    )

@@ -41,7 +41,7 @@ from mtmc_pipeline.evaluation.metrics import confusion, cross_entropy, summary_m
 from mtmc_pipeline.runtime import Runtime
 from mtmc_pipeline.training.adaptive import class_shares, draw_weights, per_class_metric
 from mtmc_pipeline.training.augment import AugmentSettings, BatchAugment, mixup, randaugment
-from mtmc_pipeline.training.budget import EpochPlanner
+from mtmc_pipeline.training.budget import EpochPlanner, describe_refit, refit_epochs
 from mtmc_pipeline.training.checkpoint import Checkpoint
 from mtmc_pipeline.training.loader import (
     CachedImageDataset,
@@ -57,7 +57,7 @@ from mtmc_pipeline.training.models import (
     _size_kwargs,
     create_model,
 )
-from mtmc_pipeline.training.schedules import build_schedule
+from mtmc_pipeline.training.schedules import Schedule, build_schedule
 from mtmc_pipeline.training.train import (
     Log,
     TrainResult,
@@ -365,14 +365,25 @@ def train_multitask(
     steps_per_epoch = sum(len(m.loader) for m in members)
     end_epoch, plan = config.epochs, ""
     planner = None
+    budget = None  # seconds
     if isinstance(config.time_budget_minutes, float):  # "auto" with epochs set means none
+        budget = config.time_budget_minutes * 60
         planner = EpochPlanner(
-            config.time_budget_minutes * 60,
+            budget,
             config.epochs,
             steps_per_epoch,
             config.batch_size,
             sum(len(m.y_val) for m in members),
         )
+
+    def replanned(epochs: int) -> Schedule:
+        """The schedule laid out over ``epochs``, at the current update."""
+        planned = build_schedule(
+            optimizer, config.model_copy(update={"epochs": epochs}), steps_per_epoch
+        )
+        planned.step_update(updates)
+        return planned
+
     saved = resume(parts, checkpoint, config, log)
     if saved is not None:
         start_epoch, updates, history = saved["epoch"], saved["updates"], saved["history"]
@@ -420,11 +431,7 @@ def train_multitask(
                 ema.update(net, step=updates)
             if planner is not None and (planned := planner.step_done()) is not None:
                 end_epoch, plan = planned, planner.describe(planned)
-                config_planned = config.model_copy(update={"epochs": end_epoch})
-                schedule = parts.schedule = build_schedule(
-                    optimizer, config_planned, steps_per_epoch
-                )
-                schedule.step_update(updates)
+                schedule = parts.schedule = replanned(end_epoch)
                 log(plan)
                 planner = None
             loss_sums[k] += loss.detach() * len(y)
@@ -466,6 +473,14 @@ def train_multitask(
                 }
             )
         schedule.step(epoch + 1, value)
+        if budget is not None:
+            epoch_seconds = [h["seconds"] for h in history if h["task"] == members[0].data.name]
+            fitted = refit_epochs(budget, config.epochs, epoch_seconds)
+            if fitted != end_epoch:
+                end_epoch, plan = fitted, describe_refit(budget, epoch_seconds, fitted)
+                log(plan)
+                if config.scheduler != "plateau":  # a plateau schedule does not count epochs
+                    schedule = parts.schedule = replanned(end_epoch)
         improved = value > best_value
         if improved:
             best_value, best_epoch = value, epoch

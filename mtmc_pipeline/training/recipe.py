@@ -25,8 +25,6 @@ from mtmc_pipeline.runtime import Runtime  # a type only: this module imports no
 
 SMALL_SIDE = 64
 """Images up to about this many pixels train at their own size on a resolution-keeping stem."""
-CPU_SMALL_SIDE = 32
-"""On a CPU, small images train at most this many pixels a side, on resnet10t."""
 CPU_BUDGET_MINUTES_PER_IMAGE = 7.5 / 12_000
 """Under auto on a CPU: 7.5 minutes of training for 12,000 images (about 8 with decoding and
 validation), proportionally less for fewer: two such tasks fit in 18 minutes of pipeline."""
@@ -181,12 +179,10 @@ def _img_size(data: DataProfile, device: DeviceProfile) -> tuple[int, str]:
     if side <= SMALL_SIDE:
         size = max(16, side - side % 4)
         colour = "grey" if data.grey else "colour"
-        if device.kind == "cpu" and size > CPU_SMALL_SIDE:
-            return CPU_SMALL_SIDE, (
-                f"median image side {side} px ({colour}): on a CPU small images train at "
-                f"{CPU_SMALL_SIDE} px, a quarter of the pixels, so the time budget buys more epochs"
-            )
-        return size, f"median image side {side} px ({colour}): small images keep their size"
+        return size, (
+            f"median image side {side} px ({colour}): small images keep their size (fine "
+            "textures and strokes do not survive halving)"
+        )
     cap = 224 if device.kind == "cuda" else 128
     size = max(SMALL_SIDE, min(side, cap) // 32 * 32)
     where = "on a GPU" if device.kind == "cuda" else "on a CPU, to keep epochs short"
@@ -197,16 +193,6 @@ def _model(
     img_size: int, device: DeviceProfile, weights: WeightsProbe
 ) -> tuple[str, str | None, str]:
     """(model, weights file or None, reason)."""
-    if img_size <= CPU_SMALL_SIDE and device.kind == "cpu":
-        return (
-            "resnet10t",
-            None,
-            (
-                f"{img_size} px on a CPU: resnet10t trains about 1.6x as many images per second "
-                "as small_resnet_s1 and reached a higher accuracy in the same time budget, "
-                "though its stem leaves a 1x1 map"
-            ),
-        )
     if img_size <= 40:
         return (
             "small_resnet_s1",
@@ -307,7 +293,7 @@ def resolve_recipe(
         pick("batch_size", *_batch_size(img_size, data, device))
     batch_size = values.get("batch_size", config.batch_size)
     if config.lr == AUTO:
-        base = 1e-3 if pretrained else 4e-3
+        base = 1e-3 if pretrained else 8e-3
         lr = round(base * math.sqrt(batch_size / 64), 6)
         start = "fine-tuning pretrained weights" if pretrained else "training from scratch"
         pick("lr", lr, f"AdamW {start}: {base:g} at batch 64, scaled by sqrt(batch / 64)")

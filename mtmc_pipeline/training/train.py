@@ -33,7 +33,7 @@ from mtmc_pipeline.evaluation.metrics import confusion, cross_entropy, summary_m
 from mtmc_pipeline.evaluation.multilabel_metrics import multilabel_metrics
 from mtmc_pipeline.runtime import Runtime
 from mtmc_pipeline.training.augment import AugmentSettings, BatchAugment, mixup, randaugment
-from mtmc_pipeline.training.budget import EpochPlanner
+from mtmc_pipeline.training.budget import EpochPlanner, describe_refit, refit_epochs
 from mtmc_pipeline.training.checkpoint import Checkpoint
 from mtmc_pipeline.training.distributed import SINGLE, Distributed
 from mtmc_pipeline.training.loader import (
@@ -371,9 +371,11 @@ def train_model(
     net = dist.wrap(model, runtime.device, find_unused=config.freeze_epochs > 0)
     end_epoch, plan = config.epochs, ""
     planner = None
+    budget = None  # seconds
     if isinstance(config.time_budget_minutes, float):  # "auto" with epochs set means none
+        budget = config.time_budget_minutes * 60
         planner = EpochPlanner(
-            config.time_budget_minutes * 60,
+            budget,
             config.epochs,
             len(loader),
             loader.batch_size,
@@ -464,6 +466,14 @@ def train_model(
         history.append(row)
         value = _monitor_value(metrics, monitor)
         schedule.step(epoch + 1, value)
+        if budget is not None:
+            fitted = dist.from_main(refit_epochs(budget, config.epochs, _seconds(history)))
+            if fitted != end_epoch:
+                end_epoch, plan = fitted, describe_refit(budget, _seconds(history), fitted)
+                log(plan)
+                if config.scheduler != "plateau":  # a plateau schedule does not count epochs
+                    schedule = parts.schedule = _compressed(optimizer, config, end_epoch, loader)
+                    schedule.step_update(updates)
         improved = value > best_value
         if improved:
             best_value, best_epoch, best_metrics = value, epoch, metrics
@@ -525,6 +535,10 @@ def _stalled(history: list[dict[str, Any]], best_epoch: int, config: TrainConfig
     """Early stopping: ``patience`` epochs without gain, never while the backbone is frozen."""
     last = history[-1]
     return last["epoch"] - best_epoch >= config.patience and not last["frozen"]
+
+
+def _seconds(history: list[dict[str, Any]]) -> list[float]:
+    return [row["seconds"] for row in history]
 
 
 def _overall_rate(history: pd.DataFrame) -> float:

@@ -31,6 +31,9 @@ validation), proportionally less for fewer: two such tasks fit in 18 minutes of 
 MIN_BUDGET_MINUTES = 0.5
 MAX_EPOCHS = 60
 """Upper bound on epochs under auto; the time budget usually stops well before it."""
+SMALL_IMAGE_MODELS = ("small_resnet_s1", "small_resnet_s2")
+"""This project's models for small images (``training/small_models.py``): no weights are
+published for them, so ``pretrained: auto`` does not look (nor import timm to ask)."""
 GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
 WeightsProbe = Callable[[str], str | None]
@@ -195,7 +198,7 @@ def _model(
     """(model, weights file or None, reason)."""
     if img_size <= 40:
         return (
-            "small_resnet_s1",
+            SMALL_IMAGE_MODELS[0],
             None,
             (
                 f"{img_size} px: a ResNet whose stride-1 stem and missing max-pool keep the "
@@ -204,7 +207,7 @@ def _model(
         )
     if img_size <= 80:
         return (
-            "small_resnet_s2",
+            SMALL_IMAGE_MODELS[1],
             None,
             (
                 f"{img_size} px: a ResNet with a stride-2 stem and no max-pool, so its first stage "
@@ -281,6 +284,8 @@ def resolve_recipe(
     if config.pretrained == AUTO:
         if config.pretrained_path:
             pick("pretrained", True, f"weights from train.pretrained_path {config.pretrained_path}")
+        elif model in SMALL_IMAGE_MODELS:
+            pick("pretrained", False, f"{model} has no published weights: from scratch")
         else:
             found = found or weights(model)
             if found:

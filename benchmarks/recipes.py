@@ -8,7 +8,7 @@ accuracy and the training stage's wall time. Then a plain script a practitioner 
 augmentation) trains on the same train split, decoded the same way, for the same wall time,
 and is scored on the same validation images.
 
-    .venv/bin/python benchmarks/recipes.py                        # ~10 minutes on 2 cores
+    .venv/bin/python benchmarks/recipes.py                        # ~5 minutes on 2 cores
     .venv/bin/python benchmarks/recipes.py --per-class 40 --shapes 28g,32c   # a quick look
 """
 

@@ -183,8 +183,8 @@ def _img_size(data: DataProfile, device: DeviceProfile) -> tuple[int, str]:
         size = max(16, side - side % 4)
         colour = "grey" if data.grey else "colour"
         return size, (
-            f"median image side {side} px ({colour}): small images keep their size (fine "
-            "textures and strokes do not survive halving)"
+            f"median image side {side} px ({colour}): small images keep their size (halving "
+            "loses their finest detail)"
         )
     cap = 224 if device.kind == "cuda" else 128
     size = max(SMALL_SIDE, min(side, cap) // 32 * 32)

@@ -546,6 +546,21 @@ def _shown_levels(levels: np.ndarray) -> list[float]:
     return shown or list(levels[-3:])
 
 
+def error_table(summary: dict[str, Any]) -> list[str]:
+    """Markdown rows: ECE, MCE, NLL and Brier before and after calibration, on the fit split
+    (``summary`` itself) and, when checked, the held-out one (``summary[CHECK_SPLIT]``)."""
+    splits = [s for s in (FIT_SPLIT, CHECK_SPLIT) if s == FIT_SPLIT or s in summary]
+    lines = ["| metric | " + " | ".join(f"{s} before | {s} after" for s in splits) + " |"]
+    lines += ["|---|" + "---|---|" * len(splits)]
+    for metric in ("ece", "mce", "nll", "brier"):
+        cells = []
+        for s in splits:
+            errors = summary if s == FIT_SPLIT else summary[s]
+            cells += [f"{errors[f'{metric}_before']:.4f}", f"{errors[f'{metric}_after']:.4f}"]
+        lines.append(f"| {metric.upper()} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report_markdown(
     table: pd.DataFrame,
     summary: dict[str, Any],
@@ -566,15 +581,7 @@ def report_markdown(
         f"best epoch); {seen}. Temperature {summary['temperature']:.3f} (fitted by NLL).",
         "",
     ]
-    splits = [s for s in (FIT_SPLIT, CHECK_SPLIT) if s == FIT_SPLIT or s in summary]
-    lines += ["| metric | " + " | ".join(f"{s} before | {s} after" for s in splits) + " |"]
-    lines += ["|---|" + "---|---|" * len(splits)]
-    for metric in ("ece", "mce", "nll", "brier"):
-        cells = []
-        for s in splits:
-            errors = summary if s == FIT_SPLIT else summary[s]
-            cells += [f"{errors[f'{metric}_before']:.4f}", f"{errors[f'{metric}_after']:.4f}"]
-        lines.append(f"| {metric.upper()} | " + " | ".join(cells) + " |")
+    lines += error_table(summary)
 
     logit = table[table["score_kind"] == "logit"]
     shown = _shown_levels(np.sort(logit["level"].unique()))

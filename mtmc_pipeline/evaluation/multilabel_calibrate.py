@@ -36,6 +36,7 @@ from mtmc_pipeline.evaluation.calibrate import (
     Calibrator,
     calibration_errors,
     check_finite,
+    error_table,
     precision_thresholds,
     realised_precision,
     reliability_bins,
@@ -192,15 +193,7 @@ def report_markdown(
     """Errors before/after Platt, metrics at calibrated levels, thresholds, realised precision."""
     lines = [f"## Multi-label calibration on `{summary['split']}` ({summary['n']} images)", ""]
     lines += ["Per-class Platt scaling fitted by NLL on val; errors over (image, class) pairs.", ""]
-    splits = [s for s in (FIT_SPLIT, CHECK_SPLIT) if s == FIT_SPLIT or s in summary]
-    lines += ["| metric | " + " | ".join(f"{s} before | {s} after" for s in splits) + " |"]
-    lines += ["|---|" + "---|---|" * len(splits)]
-    for metric in ("ece", "mce", "nll", "brier"):
-        cells = []
-        for s in splits:
-            e = summary if s == FIT_SPLIT else summary[s]
-            cells += [f"{e[f'{metric}_before']:.4f}", f"{e[f'{metric}_after']:.4f}"]
-        lines.append(f"| {metric.upper()} | " + " | ".join(cells) + " |")
+    lines += error_table(summary)
     at = summary["at_levels"]
     keys = ("CP", "CR", "CF1", "OP", "OR", "OF1", "subset_accuracy", "hamming_loss")
     lines += ["", f"### Metrics at the calibrated thresholds (`{at['split']}`)", ""]

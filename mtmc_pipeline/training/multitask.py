@@ -57,7 +57,7 @@ from mtmc_pipeline.training.models import (
     _size_kwargs,
     create_model,
 )
-from mtmc_pipeline.training.schedules import Schedule, build_schedule
+from mtmc_pipeline.training.schedules import build_schedule, relaid
 from mtmc_pipeline.training.train import (
     Log,
     TrainResult,
@@ -376,14 +376,6 @@ def train_multitask(
             sum(len(m.y_val) for m in members),
         )
 
-    def replanned(epochs: int) -> Schedule:
-        """The schedule laid out over ``epochs``, at the current update."""
-        planned = build_schedule(
-            optimizer, config.model_copy(update={"epochs": epochs}), steps_per_epoch
-        )
-        planned.step_update(updates)
-        return planned
-
     saved = resume(parts, checkpoint, config, log)
     if saved is not None:
         start_epoch, updates, history = saved["epoch"], saved["updates"], saved["history"]
@@ -431,7 +423,9 @@ def train_multitask(
                 ema.update(net, step=updates)
             if planner is not None and (planned := planner.step_done()) is not None:
                 end_epoch, plan = planned, planner.describe(planned)
-                schedule = parts.schedule = replanned(end_epoch)
+                schedule = parts.schedule = relaid(
+                    schedule, optimizer, config, end_epoch, steps_per_epoch, updates
+                )
                 log(plan)
                 planner = None
             loss_sums[k] += loss.detach() * len(y)
@@ -479,8 +473,9 @@ def train_multitask(
             if fitted != end_epoch:
                 end_epoch, plan = fitted, describe_refit(budget, epoch_seconds, fitted)
                 log(plan)
-                if config.scheduler != "plateau":  # a plateau schedule does not count epochs
-                    schedule = parts.schedule = replanned(end_epoch)
+                schedule = parts.schedule = relaid(
+                    schedule, optimizer, config, end_epoch, steps_per_epoch, updates
+                )
         improved = value > best_value
         if improved:
             best_value, best_epoch = value, epoch

@@ -96,3 +96,23 @@ def build_schedule(optimizer: Optimizer, config: TrainConfig, updates_per_epoch:
         updates_per_epoch=updates_per_epoch,
     )
     return scheduler
+
+
+def relaid(
+    schedule: Schedule,
+    optimizer: Optimizer,
+    config: TrainConfig,
+    epochs: int,
+    updates_per_epoch: int,
+    updates: int,
+) -> Schedule:
+    """``schedule`` laid out over ``epochs`` instead of ``config.epochs`` (a time budget fitted
+    them), at update ``updates``. Its warmup is the same, so nothing done changes; a plateau
+    schedule counts no epochs and is returned as it is."""
+    if isinstance(schedule, PlateauSchedule):
+        return schedule
+    laid = build_schedule(
+        optimizer, config.model_copy(update={"epochs": epochs}), updates_per_epoch
+    )
+    laid.step_update(updates)
+    return laid

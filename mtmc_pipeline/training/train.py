@@ -45,7 +45,7 @@ from mtmc_pipeline.training.loader import (
 from mtmc_pipeline.training.losses import build_loss
 from mtmc_pipeline.training.models import Preprocess, create_model
 from mtmc_pipeline.training.multilabel import build_multilabel_loss, multi_hot, positive_weight
-from mtmc_pipeline.training.schedules import Schedule, build_schedule
+from mtmc_pipeline.training.schedules import Schedule, build_schedule, relaid
 
 Log = Callable[[str], None]
 RESOLVED_BY_RECIPE = ("model", "img_size", "pretrained", "epochs", "batch_size", "lr")
@@ -429,8 +429,9 @@ def train_model(
                 if planned is not None:
                     planned = dist.from_main(planned)
                     end_epoch, plan = planned, planner.describe(planned)
-                    schedule = parts.schedule = _compressed(optimizer, config, end_epoch, loader)
-                    schedule.step_update(updates)
+                    schedule = parts.schedule = relaid(
+                        schedule, optimizer, config, end_epoch, len(loader), updates
+                    )
                     log(plan)
                     planner = None
             loss_sum += loss.detach() * len(y)
@@ -471,9 +472,9 @@ def train_model(
             if fitted != end_epoch:
                 end_epoch, plan = fitted, describe_refit(budget, _seconds(history), fitted)
                 log(plan)
-                if config.scheduler != "plateau":  # a plateau schedule does not count epochs
-                    schedule = parts.schedule = _compressed(optimizer, config, end_epoch, loader)
-                    schedule.step_update(updates)
+                schedule = parts.schedule = relaid(
+                    schedule, optimizer, config, end_epoch, len(loader), updates
+                )
         improved = value > best_value
         if improved:
             best_value, best_epoch, best_metrics = value, epoch, metrics
@@ -519,16 +520,6 @@ def train_model(
         epochs_planned=end_epoch,
         plan=plan,
     )
-
-
-def _compressed(
-    optimizer: torch.optim.Optimizer, config: TrainConfig, epochs: int, loader: DataLoader
-) -> Schedule:
-    """The configured schedule laid out over ``epochs`` instead of ``config.epochs``.
-
-    Its warmup is the same, so swapping it in during the first epoch changes nothing done.
-    """
-    return build_schedule(optimizer, config.model_copy(update={"epochs": epochs}), len(loader))
 
 
 def _stalled(history: list[dict[str, Any]], best_epoch: int, config: TrainConfig) -> bool:

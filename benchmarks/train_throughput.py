@@ -135,7 +135,9 @@ def main() -> None:
         batch_size=args.batch_size,
         epochs=args.epochs,
         patience=args.epochs,
+        optimizer="adamw",
         lr=0.005,
+        weight_decay=0.05,
         hflip=False,
         augment=not args.no_augment,
     )

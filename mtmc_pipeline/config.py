@@ -193,13 +193,15 @@ class TrainConfig(_Section):
     batch_size: Annotated[int, Field(ge=2)] | Auto = Field(
         "auto", description="Images per optimisation step (batch norm needs at least 2), or auto."
     )
-    optimizer: Literal["adamw", "sgd", "adam", "radam"] = Field(
-        "adamw", description="adamw, sgd (with momentum; see nesterov), adam or radam."
+    optimizer: Literal["adamw", "sgd", "adam", "radam"] | Auto = Field(
+        "auto", description="adamw, sgd (with momentum; see nesterov), adam, radam or auto."
     )
     lr: Annotated[float, Field(gt=0)] | Auto = Field(
         "auto", description="Peak learning rate, reached after warmup, or auto."
     )
-    weight_decay: float = Field(0.05, ge=0, description="Not applied to norm layers and biases.")
+    weight_decay: Annotated[float, Field(ge=0)] | Auto = Field(
+        "auto", description="Not applied to norm layers and biases; or auto."
+    )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     nesterov: bool = Field(
         True, description="SGD: Nesterov momentum (timm's sgd); false: classical (timm's momentum)."

@@ -19,6 +19,7 @@ train:
   pretrained: false
   epochs: 15
   batch_size: 16
+  optimizer: adamw
   lr: 0.01
 export:
   speed_seconds: 0.05

@@ -32,7 +32,9 @@ RECIPE = {
     "pretrained": False,
     "epochs": 3,
     "batch_size": 16,
+    "optimizer": "adamw",
     "lr": 0.01,
+    "weight_decay": 0.05,
     "patience": 10,
 }
 

@@ -76,6 +76,7 @@ train:
   pretrained: false
   epochs: 2
   batch_size: 16
+  optimizer: adamw
   lr: 0.01
 label_quality:
   enabled: true

@@ -33,6 +33,7 @@ train:
   pretrained: false
   epochs: 2
   batch_size: 16
+  optimizer: adamw
   lr: 0.01
   loss: asl
   pos_weight: true

@@ -28,6 +28,7 @@ from mtmc_pipeline.training.recipe import (
     resolve_recipe,
 )
 from mtmc_pipeline.training.schedules import build_schedule
+from mtmc_pipeline.training.train import RESOLVED_BY_RECIPE
 
 TINY_GREY = DataProfile(
     median_side=28, grey=True, num_classes=10, train_images=12_000, min_per_class=1_000
@@ -37,15 +38,7 @@ PHOTOS = DataProfile(
 )
 TWO_CORES = DeviceProfile("cpu", 2)
 H200 = DeviceProfile("cuda", 16, "NVIDIA H200", 139.8)
-AUTO_SETTINGS = {
-    "model",
-    "img_size",
-    "pretrained",
-    "epochs",
-    "batch_size",
-    "lr",
-    "time_budget_minutes",
-}
+AUTO_SETTINGS = {*RESOLVED_BY_RECIPE, "time_budget_minutes"}
 
 
 def nowhere(model: str) -> None:
@@ -58,7 +51,13 @@ def test_tiny_grey_images_on_a_cpu_keep_their_size_and_get_the_cpu_budget() -> N
     assert asked == []  # no weights are published for the small-image models: none looked for
     cfg = recipe.config
     assert (cfg.model, cfg.img_size, cfg.pretrained) == ("small_resnet_s1", 28, False)
-    assert cfg.batch_size == 64 and 0 < cfg.lr < 0.01
+    assert cfg.batch_size == 64
+    # from scratch: SGD at 0.2 for batch 32, scaled by sqrt(batch / 32), with its own decay
+    assert (cfg.optimizer, cfg.lr, cfg.weight_decay) == (
+        "sgd",
+        pytest.approx(0.2 * 2**0.5, abs=1e-6),
+        5e-3,
+    )
     assert cfg.time_budget_minutes == pytest.approx(7.5)  # ~12,000 small images: ~8 minutes
     assert set(recipe.reasons) == AUTO_SETTINGS and all(recipe.reasons.values())
     assert recipe.as_json()["model"]["value"] == "small_resnet_s1"
@@ -84,7 +83,12 @@ def test_colour_photos_on_a_cpu_start_from_weights_when_they_are_found() -> None
         True,
         "/weights/resnet18.safetensors",
     )
-    assert cfg.img_size == 128 and cfg.lr < 4e-3  # a CPU caps the size; fine-tuning lr
+    assert cfg.img_size == 128  # a CPU caps the size
+    assert (cfg.optimizer, cfg.lr, cfg.weight_decay) == (
+        "adamw",
+        1e-3,  # batch 64
+        0.05,
+    )
     offline = resolve_recipe(TrainConfig(), PHOTOS, TWO_CORES, nowhere).config
     assert (offline.model, offline.pretrained, offline.pretrained_path) == (
         "resnet10t",
@@ -107,11 +111,19 @@ def test_a_gpu_profile_gets_full_size_large_batches_and_a_data_sized_budget() ->
         TrainConfig(), TINY_GREY, DeviceProfile("cuda", 8, "T4", 15.0), nowhere
     ).config
     assert (small_gpu.model, small_gpu.batch_size) == ("small_resnet_s1", 256)
+    assert (small_gpu.optimizer, small_gpu.lr) == ("sgd", 0.4)  # large batches: capped
 
 
 def test_explicit_settings_always_win() -> None:
     explicit = TrainConfig(
-        model="resnet18", img_size=96, pretrained=False, epochs=5, batch_size=16, lr=0.1
+        model="resnet18",
+        img_size=96,
+        pretrained=False,
+        epochs=5,
+        batch_size=16,
+        optimizer="radam",
+        lr=0.1,
+        weight_decay=0.0,
     )
     recipe = resolve_recipe(explicit, TINY_GREY, H200, lambda m: "/found.safetensors")
     assert (
@@ -119,6 +131,8 @@ def test_explicit_settings_always_win() -> None:
         == explicit.model_copy(update={"time_budget_minutes": "none"}).model_dump()
     )
     assert set(recipe.reasons) == {"time_budget_minutes"}  # epochs set: no budget
+    adamw = resolve_recipe(TrainConfig(optimizer="adamw"), TINY_GREY, TWO_CORES, nowhere).config
+    assert (adamw.lr, adamw.weight_decay) == (8e-3, 0.05)  # from scratch, batch 64
     budgeted = TrainConfig(epochs=5, time_budget_minutes=2)
     assert resolve_recipe(budgeted, TINY_GREY, TWO_CORES, nowhere).config.time_budget_minutes == 2
 

@@ -23,8 +23,9 @@ from mtmc_pipeline.training.train import train_model
 
 def tiny_config(**settings: object) -> TrainConfig:
     """Explicit settings for a tiny model on 16-px images (no recipe to resolve)."""
+    explicit = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "batch_size": 4}
     return TrainConfig(
-        model="test_resnet", img_size=16, pretrained=False, lr=1e-3, batch_size=4, **settings
+        model="test_resnet", img_size=16, pretrained=False, **{**explicit, **settings}
     )
 
 
@@ -147,7 +148,7 @@ def test_optimizer_decays_matrices_only_and_sgd_momentum_is_chosen() -> None:
     from mtmc_pipeline.training.train import build_optimizer
 
     model = create_model("test_resnet", 3)
-    opt = build_optimizer(model, TrainConfig(weight_decay=0.05, lr=1e-3))
+    opt = build_optimizer(model, TrainConfig(optimizer="adamw", weight_decay=0.05, lr=1e-3))
     by_decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in opt.param_groups}
     assert len(opt.param_groups) == 2 and set(by_decay) == {0.0, 0.05}
     params = dict(model.named_parameters())
@@ -157,7 +158,10 @@ def test_optimizer_decays_matrices_only_and_sgd_momentum_is_chosen() -> None:
     assert {n for n, p in params.items() if id(p) in by_decay[0.0]} == flat
     for nesterov in (True, False):
         sgd = build_optimizer(
-            model, TrainConfig(optimizer="sgd", nesterov=nesterov, momentum=0.8, lr=1e-3)
+            model,
+            TrainConfig(
+                optimizer="sgd", nesterov=nesterov, momentum=0.8, lr=1e-3, weight_decay=5e-3
+            ),
         )
         assert isinstance(sgd, torch.optim.SGD)
         assert all(g["nesterov"] is nesterov and g["momentum"] == 0.8 for g in sgd.param_groups)
@@ -491,7 +495,14 @@ def test_bad_training_settings_fail_fast_naming_the_setting(
 def test_an_input_size_the_model_cannot_take_is_a_config_error(tmp_path: Path) -> None:
     manifest, classes = _tiny_task(tmp_path / "data")
     cfg = TrainConfig(
-        model="test_vit", img_size=20, pretrained=False, epochs=1, batch_size=4, lr=1e-3
+        model="test_vit",
+        img_size=20,
+        pretrained=False,
+        epochs=1,
+        batch_size=4,
+        optimizer="adamw",
+        lr=1e-3,
+        weight_decay=0.05,
     )  # patches of 16 px
     with pytest.raises(ConfigError, match=r"train\.img_size = 20: test_vit cannot take 20x20"):
         train_model(

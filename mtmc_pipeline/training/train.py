@@ -48,7 +48,16 @@ from mtmc_pipeline.training.multilabel import build_multilabel_loss, multi_hot, 
 from mtmc_pipeline.training.schedules import Schedule, build_schedule, relaid
 
 Log = Callable[[str], None]
-RESOLVED_BY_RECIPE = ("model", "img_size", "pretrained", "epochs", "batch_size", "lr")
+RESOLVED_BY_RECIPE = (
+    "model",
+    "img_size",
+    "pretrained",
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "weight_decay",
+)
 
 
 @dataclass

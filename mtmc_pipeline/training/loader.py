@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
@@ -23,6 +23,8 @@ from mtmc_pipeline.runtime import Runtime
 from mtmc_pipeline.training.models import Preprocess
 
 IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
+DECODE_THREADS = 8
+"""Decoding threads at most (fewer on fewer cores)."""
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
 
@@ -76,13 +78,11 @@ class DecodedCache:
         if not todo:
             return 0
         jobs = [(p, str(self.path(h)), self.size, self.interpolation) for h, p in todo]
-        workers = os.cpu_count() or 1
-        if workers == 1 or len(jobs) < 64:
-            for job in jobs:
-                _decode_to_cache(job)
-        else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                list(pool.map(_decode_to_cache, jobs, chunksize=32))
+        # Threads, not processes: Pillow releases the GIL while it decodes and resizes, and a
+        # process pool started inside a Dagster step (a forkserver child, so its pools start
+        # by forkserver too) re-imports torch in every worker: ~10 s before the first image.
+        with ThreadPoolExecutor(max_workers=min(DECODE_THREADS, os.cpu_count() or 1)) as pool:
+            list(pool.map(_decode_to_cache, jobs))
         return len(jobs)
 
     def load(self, content_hash: str) -> np.ndarray:

@@ -131,6 +131,8 @@ def test_explicit_settings_always_win() -> None:
         == explicit.model_copy(update={"time_budget_minutes": "none"}).model_dump()
     )
     assert set(recipe.reasons) == {"time_budget_minutes"}  # epochs set: no budget
+    group = resolve_recipe(TrainConfig(), TINY_GREY, TWO_CORES, nowhere, tasks=3)
+    assert group.config.optimizer == "adamw" and "3 tasks" in group.reasons["optimizer"]
     adamw = resolve_recipe(TrainConfig(optimizer="adamw"), TINY_GREY, TWO_CORES, nowhere).config
     assert (adamw.lr, adamw.weight_decay) == (8e-3, 0.05)  # from scratch, batch 64
     budgeted = TrainConfig(epochs=5, time_budget_minutes=2)

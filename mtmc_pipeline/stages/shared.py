@@ -73,7 +73,11 @@ def run_shared_training(
         [data_profile(art, m, len(c)) for art, (m, c) in zip(members, manifests, strict=True)]
     )
     recipe = resolve_recipe(
-        config, data, DeviceProfile.from_runtime(runtime), lambda m: find_pretrained(m, log)
+        config,
+        data,
+        DeviceProfile.from_runtime(runtime),
+        lambda m: find_pretrained(m, log),
+        tasks=len(group.tasks),
     )
     config = recipe.config
     for line in recipe.lines():

@@ -282,9 +282,14 @@ def _no_weights(model: str) -> None:
 
 
 def resolve_recipe(
-    config: TrainConfig, data: DataProfile, device: DeviceProfile, weights: WeightsProbe
+    config: TrainConfig,
+    data: DataProfile,
+    device: DeviceProfile,
+    weights: WeightsProbe,
+    tasks: int = 1,
 ) -> Recipe:
-    """Resolve every ``auto`` setting of ``config``; explicit settings are kept as they are."""
+    """Resolve every ``auto`` setting of ``config``; explicit settings are kept as they are.
+    ``tasks``: how many tasks share the backbone (a shared group's heads)."""
     values: dict[str, Any] = {}
     reasons: dict[str, str] = {}
 
@@ -321,6 +326,13 @@ def resolve_recipe(
     if config.optimizer == AUTO:
         if pretrained:
             pick("optimizer", "adamw", "fine-tuning pretrained weights: AdamW")
+        elif tasks > 1:
+            pick(
+                "optimizer",
+                "adamw",
+                f"{tasks} tasks on one backbone, one task per batch: AdamW (SGD at its "
+                "from-scratch rate swung from batch to batch)",
+            )
         else:
             pick(
                 "optimizer",

@@ -1,6 +1,10 @@
 """Peak memory of scan + integrity on a task of 100,000 tiny images, with and without the
 near-duplicate search.
 
+The images (``--kind``): ``solid``, the default, 16x16 PNGs of one colour with one pixel
+changed (a hard case for the search: few distinct hashes); ``drawn``, the demo's noisy
+textures (stripes, checks, dots, gradients, solids) at ``--side`` pixels, a more typical set.
+
 The scan and integrity stages run as the pipeline runs them (``run_inventory`` then
 ``run_integrity``, Parquet written) in a child process. Reported: the peak of the summed
 proportional set size (PSS, from /proc) of that process and its decode workers, sampled every
@@ -13,6 +17,7 @@ perceptual hashes and thumbnails in the decode pass, then the indexed search), a
 the ratio of the two integrity times.
 
     .venv/bin/python benchmarks/scale.py --files 100000
+    .venv/bin/python benchmarks/scale.py --files 100000 --kind drawn --side 32
 
 The same figure from outside, with GNU time (largest single process):
 
@@ -42,16 +47,31 @@ from PIL import Image
 GIB = 2**30
 
 
-def write_task(task: Path, files: int, classes: int) -> None:
-    """``files`` distinct 16x16 PNGs (about 100 bytes each) in ``classes`` folders."""
+def _solid(i: int, rng: np.random.Generator, side: int) -> Image.Image:
+    """One random colour with pixel ``i`` changed: distinct files, about 100 bytes at 16 px."""
+    arr = np.full((side, side, 3), rng.integers(0, 256, 3), dtype=np.uint8)
+    arr[i % side, (i // side) % side] = (i >> 8) % 256, i % 256, (i >> 16) % 256
+    return Image.fromarray(arr)
+
+
+def _drawn(i: int, rng: np.random.Generator, side: int) -> Image.Image:
+    """The demo's texture ``i % 5`` with its noise (about 3 KB at 32 px)."""
+    from mtmc_pipeline.demo import _draw
+
+    return _draw(i % 5, rng, side)
+
+
+KINDS = {"solid": _solid, "drawn": _drawn}
+
+
+def write_task(task: Path, files: int, classes: int, kind: str = "solid", side: int = 16) -> None:
+    """``files`` distinct ``side`` x ``side`` PNGs of ``kind`` in ``classes`` folders."""
     rng = np.random.default_rng(0)
     for c in range(classes):
         (task / f"class_{c:03d}").mkdir(parents=True, exist_ok=True)
     for i in range(files):
-        arr = np.full((16, 16, 3), rng.integers(0, 256, 3), dtype=np.uint8)
-        arr[i % 16, (i // 16) % 16] = (i >> 8) % 256, i % 256, (i >> 16) % 256
         buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format="PNG")
+        KINDS[kind](i, rng, side).save(buf, format="PNG")
         (task / f"class_{i % classes:03d}" / f"{i:06d}.png").write_bytes(buf.getvalue())
 
 
@@ -135,6 +155,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--kind", choices=sorted(KINDS), default="solid", help="the images")
+    parser.add_argument("--side", type=int, default=16, help="image side in pixels")
     parser.add_argument("--keep", type=Path, help="write the data here and keep it")
     parser.add_argument("--measure", type=Path, help="only measure data written with --keep")
     parser.add_argument(
@@ -147,8 +169,8 @@ def main() -> None:
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="mtmc-scale-"))
     try:
         start = time.perf_counter()
-        write_task(workdir / "data" / "scale", args.files, args.classes)
-        print(f"wrote {args.files} images in {time.perf_counter() - start:.0f} s")
+        write_task(workdir / "data" / "scale", args.files, args.classes, args.kind, args.side)
+        print(f"wrote {args.files} {args.kind} images in {time.perf_counter() - start:.0f} s")
         if args.keep:
             return
         runs = {}

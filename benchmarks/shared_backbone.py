@@ -3,9 +3,10 @@
 Three tasks: ``digits`` and ``pattern`` from the demo, and ``parity``, the digits images again
 labelled even / odd. Each is trained alone with the automatic recipe, and the three are
 trained as one group (one backbone, three heads) with the automatic recipe of their pooled
-data (its time budget follows the pooled images, about the separate budgets' sum); every model is then evaluated by the
-pipeline's evaluation stage. Reported: per-task accuracy, total training time, and model
-images/s for N tasks, shared (one backbone pass, N heads) against separate (N passes).
+data (its time budget follows the pooled images, about the separate budgets' sum); every
+model is then evaluated by the pipeline's evaluation stage. Reported: per-task accuracy,
+total training time, and model images/s for N tasks, shared (one backbone pass, N heads)
+against separate (N passes).
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/shared_backbone.py --out /tmp/shared-bench
 

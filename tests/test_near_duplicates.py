@@ -8,9 +8,11 @@ from pathlib import Path
 import imagehash
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from mtmc_pipeline.config import IntegrityConfig
+from mtmc_pipeline.data import near_duplicates
 from mtmc_pipeline.data.integrity import check_integrity
 from mtmc_pipeline.data.layout import scan_task
 from mtmc_pipeline.data.near_duplicates import (
@@ -120,6 +122,51 @@ def test_the_hash_is_imagehash_phash() -> None:
     pictures[-1].putpixel((3, 4), 200)
     hashes = [h for h, _ in fingerprints([reduced(img) for img in pictures])]  # one batch
     assert hashes == [str(imagehash.phash(img)) for img in pictures]
+
+
+def test_batched_reductions_are_pillows_own_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(7)
+    # both orders of Pillow's two passes (it goes vertical first for 31 x 33, 20 x 40), one
+    # side already 32, the largest size batched and one pixel more, which is not
+    sizes = [(16, 16), (31, 33), (20, 40), (100, 7), (32, 50), (64, 64), (65, 64)]
+    pictures = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).convert(mode)
+        for w, h in sizes
+        for mode in ("RGB", "L")
+        for _ in range(4)
+    ]
+    pictures.append(pictures[0].resize((10, 12)))  # alone of its size: reduced on its own
+    smalls = [reduced(img) for img in pictures]
+    assert sum(isinstance(s, Image.Image) for s in smalls) == len(pictures) - 8
+    expected = [
+        (str(imagehash.phash(img)), img.convert("RGB").resize((4, 4), Image.BOX).tobytes())
+        for img in pictures
+    ]
+    one_by_one = []
+    reduce_one = near_duplicates._reduce_one
+    monkeypatch.setattr(
+        near_duplicates, "_reduce_one", lambda img: one_by_one.append(img) or reduce_one(img)
+    )
+    assert fingerprints(smalls) == expected
+    assert one_by_one == [pictures[-1]]  # the others in one batch per mode and size
+    one_by_one.clear()
+    monkeypatch.setattr(near_duplicates, "_pass_order", lambda *_: "")  # passes never match
+    assert fingerprints(smalls) == expected  # then each image is reduced on its own
+    assert len(one_by_one) == len(pictures) - 8
+
+
+def test_an_image_that_cannot_load_again_loses_only_its_own_fingerprint() -> None:
+    rng = np.random.default_rng(3)
+    frames = [Image.fromarray(rng.integers(0, 256, (16, 16, 3), np.uint8)) for _ in range(2)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="TIFF", save_all=True, append_images=frames[1:])
+    with io.BytesIO(buf.getvalue()) as source:
+        tiff = Image.open(source)
+        tiff.load()
+        assert tiff.n_frames == 2  # counting the frames seeks, so the pixels must be read again
+    (none, no_thumb), (h, _) = fingerprints([reduced(tiff), reduced(frames[1])])
+    assert none is None and no_thumb is None
+    assert h == str(imagehash.phash(frames[1]))
 
 
 def test_flat_images_have_no_fingerprint() -> None:

@@ -16,8 +16,9 @@ from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from matplotlib.ft2font import FT2Font
 from matplotlib.text import Text
+from PIL import Image
 
-from mtmc_pipeline.plots import class_labels, confusion_figure, font_for
+from mtmc_pipeline.plots import class_labels, confusion_figure, font_for, thumbnails_png
 
 NAMES = [
     "条纹",
@@ -167,3 +168,20 @@ def test_ascii_names_keep_the_default_font() -> None:
     labels, font, legend = class_labels(["cat", "dog"])
     assert labels == ["cat", "dog"] and legend is None
     assert font is not None and font.get_family() == FontProperties().get_family()
+
+
+def test_thumbnail_sheets_show_every_image_enlarged_and_grey_for_a_lost_file(
+    tmp_path: Path,
+) -> None:
+    colours = {"small.png": ((200, 30, 30), 16), "large.png": ((30, 30, 200), 300)}
+    for name, (colour, side) in colours.items():
+        Image.new("RGB", (side, side), colour).save(tmp_path / name)
+    rows = [[(str(tmp_path / "small.png"), "train/a\nok"), (str(tmp_path / "gone.png"), "b")]]
+    rows.append([(str(tmp_path / "large.png"), "val/b\nerror")])
+    sheet = np.asarray(Image.open(io.BytesIO(thumbnails_png(rows, "groups"))).convert("RGB"))
+    tile = {
+        colour: int((sheet == colour).all(axis=2).sum())
+        for colour in [(200, 30, 30), (30, 30, 200), (128, 128, 128)]
+    }
+    assert min(tile.values()) > 96 * 96  # each at least as large as the 96-pixel tile
+    assert max(tile.values()) < 1.5 * min(tile.values())  # the 16-pixel one enlarged

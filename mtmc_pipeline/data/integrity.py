@@ -38,6 +38,7 @@ from PIL import Image, ImageFile
 
 from mtmc_pipeline.config import IntegrityConfig
 from mtmc_pipeline.data.near_duplicates import (
+    Small,
     fingerprints,
     group_labels,
     hashes_and_thumbs,
@@ -175,17 +176,10 @@ PerFile = tuple[
     str | None,
     bytes | None,
 ]
-# inspect_file's result: a PerFile still holding the reduced images instead of the fingerprint
+# inspect_file's result: a PerFile still holding what near_duplicates.reduced kept of the
+# image instead of its fingerprint
 Inspected = tuple[
-    int | None,
-    int | None,
-    str | None,
-    str | None,
-    str | None,
-    list[str],
-    str | None,
-    bytes | None,
-    bytes | None,
+    int | None, int | None, str | None, str | None, str | None, list[str], str | None, Small
 ]
 _NO_PRINT = (None, None)  # perceptual_hash, colour_layout of a file that was not decoded
 
@@ -254,26 +248,27 @@ def _png_bit_depth(head: bytes) -> int | None:
 def inspect_file(path: str, ext: str, limits: Limits) -> Inspected:
     """Read, hash and fully decode one file. Never raises: problems become issue codes.
 
-    Returns the values of ``PER_FILE_COLUMNS``, except that the last two are still the reduced
-    images of :func:`near_duplicates.reduced`: :func:`_inspect_chunk` hashes them in a batch.
+    Returns the values of ``PER_FILE_COLUMNS``, with one output of
+    :func:`near_duplicates.reduced` in place of the last two: :func:`_inspect_chunk`
+    fingerprints a whole chunk's in one batch.
     """
     issues: list[str] = []
     fd, size, why = _open_regular(path)
     if fd is None:
-        return None, None, None, None, None, [UNREADABLE], why, *_NO_PRINT
+        return None, None, None, None, None, [UNREADABLE], why, None
     try:
         digest, head, source = _hash_and_source(fd, size)
     except OSError as e:
-        return None, None, None, None, None, [UNREADABLE], f"{type(e).__name__}: {e}", *_NO_PRINT
+        return None, None, None, None, None, [UNREADABLE], f"{type(e).__name__}: {e}", None
     finally:
         os.close(fd)
     with source:
         if not head:
-            return None, None, None, None, digest, [EMPTY_FILE], None, *_NO_PRINT
+            return None, None, None, None, digest, [EMPTY_FILE], None, None
         fmt = sniff_format(head)
         if fmt is None:
             detail = f"leading bytes {head[:8].hex()}"
-            return None, None, None, None, digest, [NOT_AN_IMAGE], detail, *_NO_PRINT
+            return None, None, None, None, digest, [NOT_AN_IMAGE], detail, None
         if _EXT_FORMAT.get(ext, fmt) != fmt:
             issues.append(EXTENSION_MISMATCH)
         width = height = mode = found = None
@@ -284,7 +279,7 @@ def inspect_file(path: str, ext: str, limits: Limits) -> Inspected:
             if width * height > limits.max_pixels:
                 issues.append(DECOMPRESSION_BOMB)
                 detail = f"{width}x{height} exceeds integrity.max_pixels={limits.max_pixels}"
-                return width, height, mode, found, digest, issues, detail, *_NO_PRINT
+                return width, height, mode, found, digest, issues, detail, None
             # before load(): a TIFF forgets its tags once loaded (a PNG loads itself here)
             has_exif = found in ("TIFF", "PNG") or any(key in img.info for key in _EXIF_SOURCES)
             rotated = has_exif and img.getexif().get(0x0112, 1) in range(2, 9)
@@ -296,7 +291,7 @@ def inspect_file(path: str, ext: str, limits: Limits) -> Inspected:
         except Exception as e:  # any decoder failure is a finding about this file, never a crash
             issues.append(TRUNCATED)
             detail = f"{type(e).__name__}: {e}"
-            return width, height, mode, found, digest, issues, detail, *_NO_PRINT
+            return width, height, mode, found, digest, issues, detail, None
     if min(width, height) < limits.min_side:
         issues.append(TOO_SMALL)
     if mode == "CMYK":
@@ -306,7 +301,7 @@ def inspect_file(path: str, ext: str, limits: Limits) -> Inspected:
     elif mode == "PA" or (mode == "P" and "transparency" in img.info):
         issues.append(PALETTE_ALPHA)
     small = reduced(img) if limits.fingerprints else None
-    return width, height, mode, found, digest, issues, None, *(small or _NO_PRINT)
+    return width, height, mode, found, digest, issues, None, small
 
 
 @contextlib.contextmanager
@@ -325,8 +320,8 @@ def _decoder_settings() -> Iterator[None]:
 def _inspect_chunk(items: list[tuple[str, str]], limits: Limits) -> list[PerFile]:
     with _decoder_settings():
         rows = [inspect_file(path, ext, limits) for path, ext in items]
-    smalls = [(grey, thumb) if grey is not None else None for *_, grey, thumb in rows]
-    return [(*row[:-2], *prints) for row, prints in zip(rows, fingerprints(smalls), strict=True)]
+    prints = fingerprints([row[-1] for row in rows])
+    return [(*row[:-1], *fingerprint) for row, fingerprint in zip(rows, prints, strict=True)]
 
 
 def _worker_count(config: IntegrityConfig) -> int:

@@ -15,7 +15,6 @@ that grow to 15 s, which left the chain of trainings idle for seconds between mo
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from typing import Any
 
@@ -28,8 +27,6 @@ SQL_LIBRARIES = ["sqlalchemy", "alembic"]
 TRAINING_POOL = "gpu"
 TRAINING_TAG = "mtmc/training"
 """Op tag on every step in the training pool, for the executor's per-run limit."""
-SIDE_STEP_NICENESS = 10
-"""How far a step that does not train lowers its CPU priority when forked for its own."""
 
 
 class DeploymentSettingError(ValueError):
@@ -69,19 +66,6 @@ def training_step() -> dict[str, Any]:
     """``@asset`` arguments for a step that trains: the ``gpu`` pool, the per-run training
     tag and, on Kubernetes, its pod's GPU request and limit (``dagster-k8s/config``)."""
     return {"pool": TRAINING_POOL, "op_tags": {TRAINING_TAG: "true", **_k8s_gpu_tags()}}
-
-
-def yield_cpu_to_training() -> None:
-    """Lower the CPU priority of this step's process, when the step has a process of its own.
-
-    A training's time budget is wall-clock time, so a step forked beside it (another task's
-    evaluation or export) that takes a core takes epochs from it. At niceness 10 the kernel
-    gives such a step about a tenth of a contended core and all of an idle one. A step run
-    in the caller's process (the in-process executor, ``dg.materialize``) is left alone:
-    ``os.nice`` cannot be undone without privileges.
-    """
-    if multiprocessing.parent_process() is not None:
-        os.nice(SIDE_STEP_NICENESS)
 
 
 def _k8s_gpu_tags() -> dict[str, Any]:

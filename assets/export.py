@@ -7,7 +7,6 @@ from typing import Any
 import dagster as dg
 
 from assets.config import ExportOverrides, PromotionOverrides, overrides_of
-from assets.deployment import yield_cpu_to_training
 from assets.resources import ArtifactStore
 
 CHECKS = [
@@ -48,8 +47,6 @@ def build_export_asset(
     def export(config: ExportRunConfig, artifacts: ArtifactStore):
         from mtmc_pipeline.config import load_task_config
         from mtmc_pipeline.stages.export import run_export
-
-        yield_cpu_to_training()
 
         def stage() -> Any:
             overrides = {

@@ -28,7 +28,7 @@ from assets.config import (
     TrainOverrides,
     overrides_of,
 )
-from assets.deployment import training_step, yield_cpu_to_training
+from assets.deployment import training_step
 from assets.export import CHECKS as EXPORT_CHECKS
 from assets.export import build_export_asset
 from assets.label_issues import build_label_issues
@@ -235,7 +235,6 @@ def build_task_assets(
         description="Every file fully decoded and hashed; findings with stable issue codes.",
     )
     def integrity(config: IntegrityOverrides, artifacts: ArtifactStore):  # type: ignore[valid-type]
-        yield_cpu_to_training()
         with user_errors(task_dir):
             cfg = resolve("integrity", config)
             result = stages.run_integrity(task_dir, artifacts.task(task), cfg)
@@ -293,7 +292,6 @@ def build_task_assets(
     ):
         from mtmc_pipeline.stages.reporting import run_evaluation
 
-        yield_cpu_to_training()
         with user_errors(task_dir):
             result = run_evaluation(
                 task_dir,
@@ -310,7 +308,6 @@ def build_task_assets(
     def calibration(config: CalibrationOverrides, artifacts: ArtifactStore):  # type: ignore[valid-type]
         from mtmc_pipeline.stages.reporting import run_calibration
 
-        yield_cpu_to_training()
         with user_errors(task_dir):
             result = run_calibration(artifacts.task(task), resolve("calibration", config))
         yield from _events(keys["calibration"], "calibration", result)

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 import pytest
 
 from assets.definitions import build_definitions
-from assets.deployment import (
-    SIDE_STEP_NICENESS,
-    TRAINING_POOL,
-    TRAINING_TAG,
-    DeploymentSettingError,
-    yield_cpu_to_training,
-)
+from assets.deployment import TRAINING_POOL, TRAINING_TAG, DeploymentSettingError
 from assets.factory import STAGES, task_key
 from assets.resources import ArtifactStore, TorchDevice, default_resources
 from mtmc_pipeline.stages import CODE_VERSIONS
@@ -130,13 +122,7 @@ import sys
 from pathlib import Path
 import dagster as dg
 from assets.definitions import build_definitions
-from assets.deployment import (
-    SIDE_STEP_NICENESS,
-    TRAINING_POOL,
-    TRAINING_TAG,
-    DeploymentSettingError,
-    yield_cpu_to_training,
-)
+from assets.deployment import TRAINING_POOL, TRAINING_TAG, DeploymentSettingError
 
 defs = build_definitions(Path({str(data)!r}), Path({str(artifacts)!r}))
 with dg.instance_for_test() as instance:
@@ -185,21 +171,3 @@ def test_every_training_step_is_held_back_by_the_executor(
     monkeypatch.setenv("MTMC_TRAININGS_PER_RUN", "0")
     with pytest.raises(DeploymentSettingError, match="MTMC_TRAININGS_PER_RUN='0'"):
         build_definitions(tiny_root, tmp_path)
-
-
-def _niceness_after_yielding(queue: Any) -> None:
-    yield_cpu_to_training()
-    queue.put(os.nice(0))
-
-
-def test_a_step_in_its_own_process_yields_the_cpu_and_a_caller_is_left_alone() -> None:
-    """The multiprocess executor forks each step from a forkserver, as here."""
-    before = os.nice(0)
-    ctx = multiprocessing.get_context("forkserver")
-    queue = ctx.Queue()
-    child = ctx.Process(target=_niceness_after_yielding, args=(queue,))
-    child.start()
-    assert queue.get(timeout=120) == min(before + SIDE_STEP_NICENESS, 19)
-    child.join()
-    yield_cpu_to_training()  # in the caller's process (dg.materialize, the in-process executor)
-    assert os.nice(0) == before

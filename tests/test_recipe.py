@@ -95,6 +95,7 @@ def test_colour_photos_on_a_cpu_start_from_weights_when_they_are_found() -> None
         False,
         None,
     )
+    assert (offline.optimizer, offline.lr) == ("adamw", 8e-3)  # from scratch at 128 px
     assert asked == ["resnet18"]
     no_weights = resolve_recipe(TrainConfig(pretrained=False), PHOTOS, TWO_CORES, probe).config
     assert no_weights.model == "resnet10t" and asked == ["resnet18"]  # not asked: not wanted

@@ -34,6 +34,8 @@ MAX_EPOCHS = 60
 SMALL_IMAGE_MODELS = ("small_resnet_s1", "small_resnet_s2")
 """This project's models for small images (``training/small_models.py``): no weights are
 published for them, so ``pretrained: auto`` does not look (nor import timm to ask)."""
+SGD_MAX_SIDE = 80
+"""Under auto, from-scratch training up to this size (the small-image models' range) uses SGD."""
 SGD_MAX_LR = 0.4
 """SGD's learning rate is not scaled past this for large (GPU) batches."""
 SGD_WEIGHT_DECAY = 5e-3
@@ -333,12 +335,19 @@ def resolve_recipe(
                 f"{tasks} tasks on one backbone, one task per batch: AdamW (SGD at its "
                 "from-scratch rate swung from batch to batch)",
             )
-        else:
+        elif img_size <= SGD_MAX_SIDE:
             pick(
                 "optimizer",
                 "sgd",
-                "training from scratch: SGD with Nesterov momentum, which learnt faster than "
-                "AdamW in short budgets",
+                f"{img_size} px from scratch: SGD with Nesterov momentum, which learnt faster "
+                "than AdamW on small images in short budgets",
+            )
+        else:
+            pick(
+                "optimizer",
+                "adamw",
+                f"{img_size} px from scratch: AdamW (in the few epochs a budget fits at this "
+                "size, SGD learnt slower)",
             )
     optimizer = values.get("optimizer", config.optimizer)
     if config.lr == AUTO:

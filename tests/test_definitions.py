@@ -122,7 +122,6 @@ import sys
 from pathlib import Path
 import dagster as dg
 from assets.definitions import build_definitions
-from assets.deployment import TRAINING_POOL, TRAINING_TAG, DeploymentSettingError
 
 defs = build_definitions(Path({str(data)!r}), Path({str(artifacts)!r}))
 with dg.instance_for_test() as instance:

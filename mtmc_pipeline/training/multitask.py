@@ -375,7 +375,6 @@ def train_multitask(
             config.batch_size,
             sum(len(m.y_val) for m in members),
         )
-
     saved = resume(parts, checkpoint, config, log)
     if saved is not None:
         start_epoch, updates, history = saved["epoch"], saved["updates"], saved["history"]

@@ -277,7 +277,12 @@ class TrainConfig(_Section):
         "validation and the bundle use the average.",
     )
     ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA decay (ramped up from 0).")
-    patience: int = Field(10, ge=1, description="Early stop after this many epochs without gain.")
+    patience: int = Field(
+        10,
+        ge=1,
+        description="Early stop after this many epochs in which neither the monitor nor the "
+        "validation loss improved.",
+    )
     monitor: Literal["macro_f1", "accuracy", "balanced_accuracy", "val_loss", "mAP"] = Field(
         "macro_f1",
         description="Validation quantity that picks the best epoch. Multi-label tasks: mAP is "

@@ -268,3 +268,20 @@ def test_a_plain_task_with_adaptive_sampling_logs_and_records_every_reset(
     assert len(shares) == 2 and all(len(s) == 5 and sum(s) == pytest.approx(1) for s in shares)
     alone, _ = load_bundle(art.model_dir)
     assert alone(torch.zeros(1, 3, 32, 32)).shape == (1, 5)
+
+
+def test_a_group_stops_early_on_the_mean_of_its_members_val_losses() -> None:
+    from mtmc_pipeline.training.multitask import _epoch_rows
+    from mtmc_pipeline.training.train import _stalled
+
+    losses = {"a": [1.0, 0.5, 0.9, 0.9], "b": [1.0, 1.6, 0.6, 0.9]}  # means fall until epoch 2
+    history = [
+        {"epoch": e, "task": t, "val_loss": per_epoch[e], "early_frozen": False}
+        for e in range(4)
+        for t, per_epoch in losses.items()
+    ]
+    config = TrainConfig(patience=2)
+    rows = _epoch_rows(history)
+    assert [round(r["val_loss"], 6) for r in rows] == [1.0, 1.05, 0.75, 0.9]
+    assert not _stalled(rows, 0, config)  # task a alone would have stopped at epoch 3
+    assert _stalled([*rows[:3], {**rows[3], "epoch": 4}], 0, config)

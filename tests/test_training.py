@@ -592,13 +592,14 @@ def test_a_frozen_backbone_keeps_every_weight_and_statistic(
     assert not torch.equal(after["fc.weight"], initial["fc.weight"])  # the head did train
 
 
-def test_early_stopping_keeps_the_best_epochs_weights(
+def test_early_stopping_waits_for_the_val_loss_and_keeps_the_best_epochs_weights(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import mtmc_pipeline.training.train as train
 
     manifest, classes = _tiny_task(tmp_path / "data")
-    f1 = iter([0.5, 0.9, 0.6, 0.6, 0.95, 0.95])
+    f1 = iter([0.5, 0.9, 0.6, 0.6, 0.6, 0.95])  # best at epoch 1
+    losses = iter([1.0, 0.8, 0.7, 0.75, 0.75, 0.1])  # still falling at epoch 2
     validated: list[dict[str, torch.Tensor]] = []
     loaders: list[object] = []
 
@@ -613,6 +614,7 @@ def test_early_stopping_keeps_the_best_epochs_weights(
 
     real_predict = train.predict_logits
     monkeypatch.setattr(train, "summary_metrics", scripted_metrics)
+    monkeypatch.setattr(train, "cross_entropy", lambda *_: next(losses))
     monkeypatch.setattr(train, "predict_logits", recording_predict)
     messages: list[str] = []
     cfg = tiny_config(epochs=6, patience=2)
@@ -620,13 +622,14 @@ def test_early_stopping_keeps_the_best_epochs_weights(
         manifest, classes, None, tmp_path / "data", tmp_path / "cache", cfg,
         resolve_runtime("cpu"), messages.append,
     )  # fmt: skip
-    assert len(result.history) == len(validated) == 4  # epochs 3 and 4 brought no gain
+    # the monitor alone would have stopped after epoch 3; the loss last fell at epoch 2
+    assert len(result.history) == len(validated) == 5
     assert all(loader is loaders[0] for loader in loaders)  # one validation loader, reused
-    assert messages[-1] == "early stop: no gain in macro_f1 for 2 epochs"
+    assert messages[-1] == "early stop: no gain in macro_f1 or val_loss for 2 epochs"
     assert result.best_epoch == 1 and result.best_metrics["macro_f1"] == 0.9
     weights = result.model.state_dict()
     assert all(torch.equal(weights[k], validated[1][k]) for k in weights)
-    assert not all(torch.equal(weights[k], validated[3][k]) for k in weights)
+    assert not all(torch.equal(weights[k], validated[4][k]) for k in weights)
 
 
 def test_the_model_asset_logs_epochs_and_shows_its_training(

@@ -385,7 +385,7 @@ def train_multitask(
             if w is not None:
                 m.loader.sampler.weights = w
 
-    if history and _stalled([_epoch_row(history[-1])], best_epoch, config):
+    if history and _stalled(_epoch_rows(history), best_epoch, config):
         end_epoch = start_epoch  # the killed run had already stopped early
     for epoch in itertools.count(start_epoch):
         if epoch >= end_epoch:  # the time budget may lower end_epoch during the first epoch
@@ -507,8 +507,11 @@ def train_multitask(
             )
             + f"; mean {config.monitor} {value:.4f}{' *' if improved else ''}"
         )
-        if _stalled([_epoch_row(history[-1])], best_epoch, config):
-            log(f"early stop: no gain in mean {config.monitor} for {config.patience} epochs")
+        if _stalled(_epoch_rows(history), best_epoch, config):
+            log(
+                f"early stop: no gain in mean {config.monitor} or val_loss for {config.patience} "
+                "epochs"
+            )
             break
     if best_state is not None:
         eval_model.load_state_dict(best_state)
@@ -531,10 +534,16 @@ def train_multitask(
     )
 
 
-def _epoch_row(row: dict[str, Any]) -> dict[str, Any]:
-    """What ``train._stalled`` reads: early stopping never waits out the first frozen epochs,
-    and the late freeze does not hold it off."""
-    return {"epoch": row["epoch"], "frozen": row["early_frozen"]}
+def _epoch_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What ``train._stalled`` reads, one row per epoch: the mean of the members' val losses;
+    early stopping never waits out the first frozen epochs, and the late freeze does not hold
+    it off."""
+    frame = pd.DataFrame(history).groupby("epoch", sort=True)
+    losses, frozen = frame["val_loss"].mean(), frame["early_frozen"].first()
+    return [
+        {"epoch": int(e), "val_loss": float(losses[e]), "frozen": bool(frozen[e])}
+        for e in losses.index
+    ]
 
 
 def train_as_group_of_one(

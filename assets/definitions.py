@@ -22,7 +22,15 @@ from mtmc_pipeline.data.groups import read_groups
 from mtmc_pipeline.data.layout import DataRootError, discover_tasks
 
 log = logging.getLogger(__name__)
-STAGE_MODULES = ["mtmc_pipeline.stages.training", "mtmc_pipeline.stages.reporting"]
+STEP_MODULES = [
+    "mtmc_pipeline.stages.training",
+    "mtmc_pipeline.stages.reporting",
+    # torch, timm and onnxscript, imported once by the step server instead of by each of the
+    # model, evaluation and export steps (4-8 s each, most of it beside another task's training)
+    "mtmc_pipeline.training.train",
+    "mtmc_pipeline.evaluation.evaluate",
+    "mtmc_pipeline.serving.export",
+]
 
 
 def data_root() -> Path:
@@ -43,9 +51,12 @@ def build_definitions(
         tasks = []
     groups = read_groups(root, tasks)
     model_keys = {t: group_model_key(g) for g in groups for t in g.tasks}
-    assets: list = [build_group_model(g, root) for g in groups]
-    for task in tasks:
-        assets.extend(build_task_assets(task, root, model_keys.get(task)))
+    # of the ready steps: a training first, then the data steps of the tasks in order
+    training = len(tasks) + 1
+    assets: list = [build_group_model(g, root, training) for g in groups]
+    for i, task in enumerate(tasks):
+        data = len(tasks) - i
+        assets.extend(build_task_assets(task, root, model_keys.get(task), data, training))
     assets.append(build_leaderboard(tasks, root_problem))
     raw_keys = [dg.AssetKey([task_key(t), "raw_images"]) for t in tasks]
     schedules = [automation.observe_schedule(raw_keys)] if raw_keys else []
@@ -54,8 +65,7 @@ def build_definitions(
         schedules=schedules,
         sensors=[automation.automation_sensor(), automation.task_folder_sensor(root, tasks)],
         resources=default_resources(artifacts_root),
-        # the stages' modules import no torch (a step imports it only to train or predict)
-        executor=step_executor(__name__, *STAGE_MODULES),
+        executor=step_executor(__name__, *STEP_MODULES),
     )
 
 

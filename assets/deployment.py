@@ -27,6 +27,9 @@ SQL_LIBRARIES = ["sqlalchemy", "alembic"]
 TRAINING_POOL = "gpu"
 TRAINING_TAG = "mtmc/training"
 """Op tag on every step in the training pool, for the executor's per-run limit."""
+PRIORITY_TAG = "dagster/priority"
+"""Op tag: of the steps ready to run, the multiprocess and k8s executors start higher values
+first (untagged: 0)."""
 
 
 class DeploymentSettingError(ValueError):
@@ -62,10 +65,14 @@ def _count_setting(name: str, default: int) -> int:
     return int(value)
 
 
-def training_step() -> dict[str, Any]:
+def training_step(priority: int = 0) -> dict[str, Any]:
     """``@asset`` arguments for a step that trains: the ``gpu`` pool, the per-run training
-    tag and, on Kubernetes, its pod's GPU request and limit (``dagster-k8s/config``)."""
-    return {"pool": TRAINING_POOL, "op_tags": {TRAINING_TAG: "true", **_k8s_gpu_tags()}}
+    tag, its ``priority`` and, on Kubernetes, its pod's GPU request and limit
+    (``dagster-k8s/config``)."""
+    tags = {TRAINING_TAG: "true", **_k8s_gpu_tags()}
+    if priority:
+        tags[PRIORITY_TAG] = str(priority)
+    return {"pool": TRAINING_POOL, "op_tags": tags}
 
 
 def _k8s_gpu_tags() -> dict[str, Any]:

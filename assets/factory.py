@@ -28,7 +28,7 @@ from assets.config import (
     TrainOverrides,
     overrides_of,
 )
-from assets.deployment import training_step
+from assets.deployment import PRIORITY_TAG, training_step
 from assets.export import CHECKS as EXPORT_CHECKS
 from assets.export import build_export_asset
 from assets.label_issues import build_label_issues
@@ -55,6 +55,10 @@ STAGES = (
     "label_issues",
     "export",
 )
+DATA_STAGES = ("inventory", "integrity", "splits", "sampling_weights")
+"""The steps a training waits for. Trainings run one at a time, so a ready training starts
+first, then these, one task after another: the first training starts once its own task's
+data is ready, not every task's, and the other tasks' data steps run beside it."""
 KINDS = {  # the icons the UI shows: what each stage's output is
     "inventory": {"parquet"},
     "integrity": {"parquet"},
@@ -161,12 +165,18 @@ def _events(key: dg.AssetKey, stage: str, result: stages.StageResult) -> Iterato
 
 
 def build_task_assets(
-    task: str, data_root: Path, model_key: dg.AssetKey | None = None
+    task: str,
+    data_root: Path,
+    model_key: dg.AssetKey | None = None,
+    data_priority: int = 0,
+    training_priority: int = 0,
 ) -> list[Any]:
     """The assets of one task folder (plus their checks).
 
     ``model_key``: the shared-backbone asset that writes this task's model (the task then has
-    no ``model`` asset of its own).
+    no ``model`` asset of its own). ``data_priority`` and ``training_priority``: the
+    ``dagster/priority`` of this task's data steps (``DATA_STAGES``) and of its model; the
+    other steps have 0.
     """
     tk = task_key(task)
     task_dir = data_root / task
@@ -177,7 +187,9 @@ def build_task_assets(
     owners = asset_owners()
 
     def spec_kwargs(stage: str, upstream: list[str]) -> dict[str, Any]:
+        data = stage in DATA_STAGES and data_priority
         return {
+            **({"op_tags": {PRIORITY_TAG: str(data_priority)}} if data else {}),
             "key": keys[stage],
             "deps": [keys[u] for u in upstream],
             "group_name": tk,
@@ -260,7 +272,7 @@ def build_task_assets(
 
     @dg.asset(
         **spec_kwargs("model", ["splits", "sampling_weights"]),
-        **training_step(),
+        **training_step(training_priority),
         description="A timm classifier trained on the train split; best epoch on val.",
     )
     def model(

@@ -23,7 +23,10 @@ def group_model_key(group: SharedGroup) -> dg.AssetKey:
     return dg.AssetKey(["shared", task_key(group.name), "model"])
 
 
-def build_group_model(group: SharedGroup, data_root: Path) -> dg.AssetsDefinition:
+def build_group_model(
+    group: SharedGroup, data_root: Path, priority: int = 0
+) -> dg.AssetsDefinition:
+    """The group's training step; ``priority``: its ``dagster/priority``."""
     key = group_model_key(group)
     deps = [
         dg.AssetKey([task_key(t), stage])
@@ -39,7 +42,7 @@ def build_group_model(group: SharedGroup, data_root: Path) -> dg.AssetsDefinitio
         # version, so that editing them (and reloading) marks the group stale
         code_version=f"{stages.CODE_VERSIONS['shared_model']}-{fingerprint(group.model_dump())}",
         automation_condition=RETRAIN,
-        **training_step(),
+        **training_step(priority),
         kinds={"pytorch"},
         tags={"shared_group": task_key(group.name)},
         description=f"One backbone, one head per task: {', '.join(group.tasks)} "

@@ -13,7 +13,7 @@ import pytest
 
 from assets.definitions import build_definitions
 from assets.deployment import TRAINING_POOL, TRAINING_TAG, DeploymentSettingError
-from assets.factory import STAGES, task_key
+from assets.factory import DATA_STAGES, STAGES, task_key
 from assets.resources import ArtifactStore, TorchDevice, default_resources
 from mtmc_pipeline.stages import CODE_VERSIONS
 from tests.conftest import Materialized
@@ -54,6 +54,25 @@ def test_training_uses_the_gpu_pool_and_versions_are_set(tiny_root: Path, tmp_pa
         node = graph.get(dg.AssetKey(["pattern", stage]))
         assert node.code_version == CODE_VERSIONS[stage]
         assert node.group_name == "pattern"
+
+
+def test_the_data_steps_of_one_task_run_before_the_next_tasks(
+    tiny_root: Path, tmp_path: Path
+) -> None:
+    """Trainings run one at a time: the first starts once its own task's data is ready, and
+    a ready training goes before any data step."""
+    defs = build_definitions(tiny_root, tmp_path)
+
+    def priority(task: str, stage: str) -> int:
+        op = defs.get_assets_def(dg.AssetKey([task, stage])).op
+        return int(op.tags.get("dagster/priority", 0))
+
+    for stage in DATA_STAGES:
+        assert priority("digits", "model") > priority("digits", stage) > priority("pattern", stage)
+        assert priority("pattern", stage) > 0
+    assert priority("pattern", "model") == priority("digits", "model")
+    for stage in set(STAGES[1:]) - {*DATA_STAGES, "model"}:
+        assert priority("digits", stage) == priority("pattern", stage) == 0
 
 
 def test_lineage_follows_the_stages(tiny_root: Path, tmp_path: Path) -> None:

@@ -95,5 +95,9 @@ def test_group_asset_uses_the_gpu_pool_and_its_settings_version_it(
         "shared:\n  letters: {tasks: [digits, pattern], loss_weights: {digits: 2}}\n"
     )
     assert plain.pools == {"gpu"} and plain.group_name == "shared"
+    defs = build_definitions(tiny_copy, tmp_path)
+    tags = defs.get_assets_def(GROUP).op.tags
+    data = defs.get_assets_def(dg.AssetKey(["digits", "sampling_weights"])).op.tags
+    assert int(tags["dagster/priority"]) > int(data["dagster/priority"])  # a training goes first
     assert plain.code_version != weighted.code_version
     assert plain.code_version == group_node("shared:\n  letters: [digits, pattern]\n").code_version

@@ -18,7 +18,7 @@ from assets.deployment import step_executor
 from assets.factory import build_leaderboard, build_task_assets, task_key
 from assets.resources import default_resources
 from assets.shared import build_group_model, group_model_key
-from mtmc_pipeline.data.groups import read_groups
+from mtmc_pipeline.data.groups import read_groups, split_leaders
 from mtmc_pipeline.data.layout import DataRootError, discover_tasks
 
 log = logging.getLogger(__name__)
@@ -51,12 +51,21 @@ def build_definitions(
         tasks = []
     groups = read_groups(root, tasks)
     model_keys = {t: group_model_key(g) for g in groups for t in g.tasks}
+    leaders = split_leaders(groups)
     # of the ready steps: a training first, then the data steps of the tasks in order
     training = len(tasks) + 1
     assets: list = [build_group_model(g, root, training) for g in groups]
     for i, task in enumerate(tasks):
-        data = len(tasks) - i
-        assets.extend(build_task_assets(task, root, model_keys.get(task), data, training))
+        assets.extend(
+            build_task_assets(
+                task,
+                root,
+                model_keys.get(task),
+                split_leader=leaders.get(task),
+                data_priority=len(tasks) - i,
+                training_priority=training,
+            )
+        )
     assets.append(build_leaderboard(tasks, root_problem))
     raw_keys = [dg.AssetKey([task_key(t), "raw_images"]) for t in tasks]
     schedules = [automation.observe_schedule(raw_keys)] if raw_keys else []

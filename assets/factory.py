@@ -168,30 +168,33 @@ def build_task_assets(
     task: str,
     data_root: Path,
     model_key: dg.AssetKey | None = None,
+    split_leader: str | None = None,
     data_priority: int = 0,
     training_priority: int = 0,
 ) -> list[Any]:
     """The assets of one task folder (plus their checks).
 
     ``model_key``: the shared-backbone asset that writes this task's model (the task then has
-    no ``model`` asset of its own). ``data_priority`` and ``training_priority``: the
-    ``dagster/priority`` of this task's data steps (``DATA_STAGES``) and of its model; the
-    other steps have 0.
+    no ``model`` asset of its own). ``split_leader``: the first task of its shared group,
+    whose splits this task's ``splits`` reads and depends on. ``data_priority`` and
+    ``training_priority``: the ``dagster/priority`` of this task's data steps
+    (``DATA_STAGES``) and of its model; the other steps have 0.
     """
     tk = task_key(task)
     task_dir = data_root / task
     keys = {stage: dg.AssetKey([tk, stage]) for stage in STAGES}
     keys["model"] = model_key or keys["model"]
+    leader_splits = [dg.AssetKey([task_key(split_leader), "splits"])] if split_leader else []
     tags = {"task": tk}
     condition = retrain_condition()
     owners = asset_owners()
 
-    def spec_kwargs(stage: str, upstream: list[str]) -> dict[str, Any]:
+    def spec_kwargs(stage: str, upstream: list[str], *more: dg.AssetKey) -> dict[str, Any]:
         data = stage in DATA_STAGES and data_priority
         return {
             **({"op_tags": {PRIORITY_TAG: str(data_priority)}} if data else {}),
             "key": keys[stage],
-            "deps": [keys[u] for u in upstream],
+            "deps": [*(keys[u] for u in upstream), *more],
             "group_name": tk,
             "code_version": stages.CODE_VERSIONS[stage],
             "automation_condition": condition,
@@ -253,12 +256,15 @@ def build_task_assets(
         yield from _events(keys["integrity"], "integrity", result)
 
     @dg.asset(
-        **spec_kwargs("splits", ["integrity"]),
+        **spec_kwargs("splits", ["integrity"], *leader_splits),
         description="Stable, stratified train/val/test manifest of the usable images.",
     )
     def splits(config: SplitOverrides, artifacts: ArtifactStore):  # type: ignore[valid-type]
         with user_errors(task_dir):
-            result = stages.run_splits(artifacts.task(task), resolve("split", config), task_dir)
+            leader = artifacts.task(split_leader) if split_leader else None
+            result = stages.run_splits(
+                artifacts.task(task), resolve("split", config), task_dir, leader
+            )
         yield from _events(keys["splits"], "splits", result)
 
     @dg.asset(

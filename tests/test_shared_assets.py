@@ -36,6 +36,17 @@ def test_new_images_in_a_member_retrain_the_group_and_nothing_outside(
     assert dg.AssetKey(["digits", "model"]) not in graph.get_all_asset_keys()
     assert GROUP in graph.get(dg.AssetKey(["pattern", "evaluation"])).parent_keys
     assert dg.AssetKey(["other", "model"]) in graph.get_all_asset_keys()
+    # the second member splits as the first one does; a task outside the group on its own
+    assert graph.get(dg.AssetKey(["pattern", "splits"])).parent_keys == {
+        dg.AssetKey(["pattern", "integrity"]),
+        dg.AssetKey(["digits", "splits"]),
+    }
+    assert graph.get(dg.AssetKey(["digits", "splits"])).parent_keys == {
+        dg.AssetKey(["digits", "integrity"])
+    }
+    assert graph.get(dg.AssetKey(["other", "splits"])).parent_keys == {
+        dg.AssetKey(["other", "integrity"])
+    }
 
     with dg.instance_for_test() as instance:
         t = TwoTasks(tiny_copy, artifacts, defs, instance)
@@ -48,15 +59,19 @@ def test_new_images_in_a_member_retrain_the_group_and_nothing_outside(
 
         add_images(tiny_copy / "digits", 3)
         t.observe()
-        members_after_model = task_assets("pattern", "evaluation", "calibration", "export")
+        member_from_splits = task_assets("pattern") - task_assets(
+            "pattern", "inventory", "integrity", "model"
+        )
         assert stale_assets(instance, graph) == (
             task_assets("digits") - {dg.AssetKey(["digits", "model"])}
             | {GROUP, LEADERBOARD}
-            | members_after_model
+            | member_from_splits
         )
         again = t.run()  # everything: what is not stale is reused
     assert again[GROUP] is False and again[dg.AssetKey(["pattern", "evaluation"])] is False
-    assert again[dg.AssetKey(["pattern", "splits"])] is True
+    # pattern re-splits after its leader, into the same manifest: its sampling weights stand
+    assert again[dg.AssetKey(["pattern", "splits"])] is False
+    assert again[dg.AssetKey(["pattern", "sampling_weights"])] is True
     assert all(again[k] for k in task_assets("other"))
 
 

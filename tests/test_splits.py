@@ -9,7 +9,12 @@ import pandas as pd
 import pytest
 
 from mtmc_pipeline.config import SplitConfig
-from mtmc_pipeline.data.splits import TaskDataError, leaking_hashes, make_splits
+from mtmc_pipeline.data.splits import (
+    TaskDataError,
+    cross_task_leaks,
+    leaking_hashes,
+    make_splits,
+)
 
 
 def _usable(counts: dict[str, int], split_dir: str = "none", offset: int = 0) -> pd.DataFrame:
@@ -207,3 +212,57 @@ def test_stability_with_the_previous_manifest_over_many_additions() -> None:
         assert len(kept) == len(manifest)
         assert (kept["split_old"] == kept["split_new"]).all()
         manifest = nxt
+
+
+def _split_by_hash(manifest: pd.DataFrame) -> pd.Series:
+    return manifest.drop_duplicates("content_hash").set_index("content_hash")["split"]
+
+
+def test_a_group_member_takes_its_leaders_splits_over_its_own_previous_ones() -> None:
+    cfg = SplitConfig(val_fraction=0.2, test_fraction=0.2)
+    leader_usable = _usable({"a": 30, "b": 30})
+    leader, _ = make_splits(leader_usable, cfg)
+    # the same 60 images under other labels, plus 20 images the leader does not have
+    relabelled = leader_usable.assign(class_name=np.where(np.arange(60) % 2, "odd", "even"))
+    member_usable = pd.concat([relabelled, _usable({"even": 10, "odd": 10}, offset=500)])
+    alone, _ = make_splits(member_usable, cfg)
+    grouped, _ = make_splits(member_usable, cfg, previous=alone, leader=leader)
+
+    theirs, mine = _split_by_hash(leader), _split_by_hash(grouped)
+    assert (_split_by_hash(alone).reindex(theirs.index) != theirs).any()  # alone, they differ
+    assert mine.reindex(theirs.index).equals(theirs)
+    assert cross_task_leaks([leader, grouped]) == 0 < cross_task_leaks([leader, alone])
+    # without a previous manifest: each class of 40 wants 8 val and 8 test, and the new images
+    # make up what the leader's images of that class lack
+    fresh, _ = make_splits(member_usable, cfg, leader=leader)
+    counts = fresh.groupby(["class_name", "split"]).size().unstack()
+    assert (counts[["val", "test"]] == 8).all().all()
+    assert (_split_by_hash(fresh).reindex(theirs.index) == theirs).all()
+
+
+def test_a_members_split_folders_win_over_its_leader() -> None:
+    cfg = SplitConfig(val_fraction=0.2, test_fraction=0.2)
+    leader, _ = make_splits(_usable({"a": 30, "b": 30}), cfg)
+    by_leader = _split_by_hash(leader)
+    member_usable = _usable({"a": 30, "b": 30}, "train")
+    in_val_folder = member_usable["content_hash"].map(by_leader) == "train"
+    member_usable.loc[in_val_folder.to_numpy().nonzero()[0][:5], "split_dir"] = "val"
+    member, _ = make_splits(member_usable, cfg, leader=leader)
+
+    split = member.set_index("relpath")["split"]
+    folder_val = member_usable.loc[member_usable["split_dir"] == "val", "relpath"]
+    assert (split[folder_val] == "val").all() and len(folder_val) == 5
+    assert (split.drop(folder_val) != "val").all()  # val is the member's folder alone
+    leader_test = member_usable.loc[member_usable["content_hash"].map(by_leader) == "test"]
+    assert (split[leader_test["relpath"]] == "test").all()  # test is carved: the leader's wins
+
+
+def test_cross_task_leaks_count_each_image_trained_on_and_held_out_once() -> None:
+    def manifest(splits: dict[str, str]) -> pd.DataFrame:
+        return pd.DataFrame({"content_hash": list(splits), "split": list(splits.values())})
+
+    a = manifest({"h1": "train", "h2": "val", "h3": "train", "h4": "test"})
+    b = manifest({"h1": "val", "h2": "val", "h4": "train"})
+    c = manifest({"h1": "test", "h3": "train"})
+    assert cross_task_leaks([a, b, c]) == 2  # h1 (train in a, held out in b and c) and h4
+    assert cross_task_leaks([a]) == 0

@@ -12,7 +12,8 @@ shared:
 
 Each task stays a task (its own folder, splits, integrity and sampling weights); only its
 model comes from the group. A task belongs to at most one group. A group of one task trains
-exactly what that task would train alone.
+exactly what that task would train alone. The first member leads the group's splits: the
+others take its split of every image they share with it (:func:`split_leaders`).
 """
 
 from __future__ import annotations
@@ -98,3 +99,10 @@ def read_groups(data_root: Path, tasks: list[str]) -> list[SharedGroup]:
             owner[task] = str(name)
         groups.append(group)
     return groups
+
+
+def split_leaders(groups: list[SharedGroup]) -> dict[str, str]:
+    """member -> the first member of its group, for every member but the first: the task whose
+    splits it takes for the images both have, so the shared backbone does not train on what
+    another member holds out."""
+    return {task: group.tasks[0] for group in groups for task in group.tasks[1:]}

@@ -8,9 +8,10 @@ hash of the image's content, so the result depends only on the data and the seed
 
 Stability: images already in the previous manifest (same settings) keep their split and are
 counted against each split's wants first; only new images are placed. Split folders
-(``val/``, ``test/``) are honoured as in single-label manifests. (The ``iterative-stratification``
-package implements the same algorithm as a k-fold splitter, with no way to keep earlier
-assignments; hence this small implementation.)
+(``val/``, ``test/``) and the splits of a shared group's leader are honoured as in
+single-label manifests. (The ``iterative-stratification`` package implements the same
+algorithm as a k-fold splitter, with no way to keep earlier assignments; hence this small
+implementation.)
 
 Manifest contract (on top of the single-label columns): ``labels`` is the sorted list of class
 indices of each image (empty: no label), ``class_name`` their names joined by ``;`` and
@@ -28,6 +29,7 @@ from mtmc_pipeline.data.labels import SEPARATOR, label_classes
 from mtmc_pipeline.data.splits import (
     SPLIT_COLUMNS,
     TaskDataError,
+    pinned_splits,
     splits_schema,
     unit_hash,
 )
@@ -92,11 +94,13 @@ def make_multilabel_splits(
     previous: pd.DataFrame | None = None,
     task: str = "task",
     declared: list[str] | None = None,
+    leader: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, list[str]]:
     """The multi-label manifest (one row per distinct image) and the ordered class list.
 
     ``usable`` are integrity rows with a ``labels`` column (class names); copies of one image
     in one split (several class folders) become one row with the union of their labels.
+    ``leader``: the manifest of the first member of this task's shared group.
     """
     if usable.empty:
         raise TaskDataError(f"task {task!r}: no usable images (see its integrity report)")
@@ -112,7 +116,7 @@ def make_multilabel_splits(
         )
     index = {c: i for i, c in enumerate(classes)}
     df["labels"] = [[index[c] for c in names if c in index] for names in df["labels"]]
-    df["split"] = _assign(df, classes, config, previous)
+    df["split"] = _assign(df, classes, config, previous, leader)
     df["class_name"] = [SEPARATOR.join(classes[i] for i in ix) for ix in df["labels"]]
     df["label"] = -1
     df["fold"] = pd.array([pd.NA] * len(df), dtype="Int64")
@@ -127,9 +131,14 @@ def make_multilabel_splits(
 
 
 def _assign(
-    df: pd.DataFrame, classes: list[str], config: SplitConfig, previous: pd.DataFrame | None
+    df: pd.DataFrame,
+    classes: list[str],
+    config: SplitConfig,
+    previous: pd.DataFrame | None,
+    leader: pd.DataFrame | None,
 ) -> np.ndarray:
-    """train/val/test of every row: split folders first, then pinned, then stratified."""
+    """train/val/test of every row: split folders first, then pinned (the leader's, then the
+    previous manifest's), then stratified."""
     split_dir = df["split_dir"].to_numpy()
     folders = set(split_dir) - {"none"}
     names = ["train"] + [s for s in ("val", "test") if s not in folders]
@@ -141,11 +150,7 @@ def _assign(
         split[free] = "train"
         return split
     rows = df[free]
-    before = (
-        {}
-        if previous is None
-        else dict(zip(previous["content_hash"], previous["split"], strict=True))
-    )
+    before = pinned_splits(previous, leader, set(names))
     pin = np.array([names.index(s) if s in names else -1 for s in rows["content_hash"].map(before)])
     y = indicator(rows["labels"], len(classes))
     u = np.array([unit_hash(config.seed, h) for h in rows["content_hash"]])

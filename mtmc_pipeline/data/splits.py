@@ -8,8 +8,15 @@
 - Assignments already in the previous manifest are kept (when the split settings are the
   same), so adding images never moves an existing image to another split: only the new
   files of a class fill what its quota still lacks.
+- A member of a shared group (``mtmc.yaml``) other than the first, its *leader*, takes the
+  leader's split of every image the leader's manifest also has, over its own previous
+  manifest, so that the shared backbone does not train on what another member validates or
+  tests on; only the images the leader lacks fill the member's quotas. Split folders still
+  win: the member's own ``val/`` and ``test/`` files stay there, and the leader's val or test
+  images are not taken into a split the member has a folder for.
 - A class with two or more distinct images keeps at least one train image and gets at least
-  one val image (when val is carved); a class of one image trains on it.
+  one val image (when val is carved; of the images a task carves itself); a class of one
+  image trains on it.
 - The k-fold column over the train files is stratified per class and stable under additions
   (:mod:`mtmc_pipeline.data.folds`; previous folds are kept when the settings are the same).
 """
@@ -43,11 +50,23 @@ def unit_hash(seed: int, key: str, salt: str = "split") -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def _previous_assignments(previous: pd.DataFrame | None) -> dict[str, str]:
-    """content_hash -> split from the last manifest."""
-    if previous is None or previous.empty:
+def _assignments(manifest: pd.DataFrame | None) -> dict[str, str]:
+    """content_hash -> split of a manifest ({} without one)."""
+    if manifest is None or manifest.empty:
         return {}
-    return dict(zip(previous["content_hash"], previous["split"], strict=True))
+    return dict(zip(manifest["content_hash"], manifest["split"], strict=True))
+
+
+def pinned_splits(
+    previous: pd.DataFrame | None, leader: pd.DataFrame | None, allowed: set[str]
+) -> dict[str, str]:
+    """content_hash -> split to keep: the previous manifest's, overridden by the group
+    leader's; an assignment to a split outside ``allowed`` (one this task does not carve)
+    is not kept."""
+    pinned: dict[str, str] = {}
+    for manifest in (previous, leader):
+        pinned.update((h, s) for h, s in _assignments(manifest).items() if s in allowed)
+    return pinned
 
 
 def class_quota(n: int, val: float, test: float) -> tuple[int, int]:
@@ -93,11 +112,13 @@ def make_splits(
     config: SplitConfig | None = None,
     previous: pd.DataFrame | None = None,
     task: str = "task",
+    leader: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, list[str]]:
     """The split manifest and the ordered class list.
 
     ``usable`` has integrity columns (relpath, split_dir, class_name, content_hash) for files
-    that passed integrity. ``previous`` is the last manifest made with the same settings.
+    that passed integrity. ``previous`` is the last manifest made with the same settings;
+    ``leader`` the manifest of the first member of this task's shared group.
     """
     config = config or SplitConfig()
     if usable.empty:
@@ -107,7 +128,7 @@ def make_splits(
     carved = {"val", "test"} - folders
     split_dir = df["split_dir"].to_numpy()
     in_folder = np.isin(split_dir, ["val", "test"])
-    pinned = {h: s for h, s in _previous_assignments(previous).items() if s in carved | {"train"}}
+    pinned = pinned_splits(previous, leader, carved | {"train"})
     assigned = _carve(df, ~in_folder, pinned, config, carved)
     carved_split = np.array([assigned.get(h, "train") for h in df["content_hash"]], dtype=object)
     df["split"] = np.where(in_folder, split_dir, carved_split).astype(object)
@@ -171,6 +192,19 @@ def class_split_counts(manifest: pd.DataFrame) -> pd.DataFrame:
         index="class_name", columns="split", values="relpath", aggfunc="count", fill_value=0
     )
     return table.reindex(columns=[s for s in ("train", "val", "test") if s in table.columns])
+
+
+def cross_task_leaks(manifests: list[pd.DataFrame]) -> int:
+    """How many images (distinct content hashes) one manifest trains on and another holds out
+    (val or test): a backbone shared by those tasks has seen what it is scored on."""
+    train = [set(m.loc[m["split"] == "train", "content_hash"]) for m in manifests]
+    held_out = [set(m.loc[m["split"] != "train", "content_hash"]) for m in manifests]
+    leaked: set[str] = set()
+    for i, held in enumerate(held_out):
+        for j, trained in enumerate(train):
+            if i != j:
+                leaked |= held & trained
+    return len(leaked)
 
 
 def leaking_hashes(manifest: pd.DataFrame) -> np.ndarray:

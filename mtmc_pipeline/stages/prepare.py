@@ -245,21 +245,32 @@ def _splits_settings(path: Path) -> dict[str, Any] | None:
 
 
 def run_splits(
-    art: TaskArtifacts, config: SplitConfig, task_dir: Path | None = None
+    art: TaskArtifacts,
+    config: SplitConfig,
+    task_dir: Path | None = None,
+    leader: TaskArtifacts | None = None,
 ) -> StageResult:
     """The split manifest of the usable images, after the task's ``review.csv`` (when
-    ``task_dir`` is given) has dropped and relabelled the images it names."""
+    ``task_dir`` is given) has dropped and relabelled the images it names.
+
+    ``leader``: the first member of this task's shared group, whose splits this task takes
+    for the images both have (its manifest's version is then an input of this stage).
+    """
     start = time.perf_counter()
     listed = af.read_parquet(art.inventory, columns=["relpath", "class_name"])
     inventory_classes = sorted(listed["class_name"].unique())
     review = (
         read_review(task_dir, set(listed["relpath"]), inventory_classes) if task_dir else Review()
     )
+    leader_version = (
+        [upstream_fingerprint(leader.splits, f"{leader.task}/splits")] if leader else []
+    )
     fp = stage_fingerprint(
         "splits",
         upstream_fingerprint(art.integrity, "integrity"),
         config.model_dump(),
         review.digest,
+        *leader_version,
     )
     reused = stored_fingerprint(art.splits) == fp
     if reused:
@@ -274,13 +285,18 @@ def run_splits(
             if same_settings
             else None
         )
+        leader_manifest = (
+            af.read_parquet(leader.splits, columns=["content_hash", "split"]) if leader else None
+        )
         usable, changed = apply_review(usable_rows(integrity), review)
         if "labels" in integrity.columns:
             declared = af.parquet_meta(art.integrity).get("classes")
-            manifest, classes = make_multilabel_splits(usable, config, previous, art.task, declared)
+            manifest, classes = make_multilabel_splits(
+                usable, config, previous, art.task, declared, leader_manifest
+            )
             schema = multilabel_schema(classes)
         else:
-            manifest, classes = make_splits(usable, config, previous, art.task)
+            manifest, classes = make_splits(usable, config, previous, art.task, leader_manifest)
             schema = splits_schema(classes)
         content = manifest_fingerprint(manifest, classes)
         af.write_parquet(

@@ -4,7 +4,9 @@ Writes the joint bundle to ``shared/<group>/model/`` and, for every member ``T``
 per-task bundle to ``T/model/`` (that head and the backbone as a timm classifier), so each
 member's evaluation, calibration, prediction and leaderboard row work as for any task. The
 fingerprint covers every member's splits and sampling weights and the group's settings: new
-images in one member retrain the group, and nothing outside it.
+images in one member retrain the group, and nothing outside it. Members after the first take
+the first one's splits for the images they share (:mod:`mtmc_pipeline.data.splits`); the
+images one member still trains on and another holds out are counted (``cross_task_leaks``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from mtmc_pipeline import artifacts as af
 from mtmc_pipeline.artifacts import TaskArtifacts, fingerprint, group_dir, stored_fingerprint
 from mtmc_pipeline.config import TrainConfig, load_task_config
 from mtmc_pipeline.data.groups import SharedGroup
-from mtmc_pipeline.data.splits import read_manifest
+from mtmc_pipeline.data.splits import cross_task_leaks, read_manifest
 from mtmc_pipeline.plots import history_png
 from mtmc_pipeline.runtime import Runtime
 from mtmc_pipeline.stages.common import (
@@ -69,6 +71,13 @@ def run_shared_training(
     start = time.perf_counter()
     members = [TaskArtifacts(artifacts_root, t) for t in group.tasks]
     manifests = [read_manifest(art.splits) for art in members]
+    leaks = cross_task_leaks([m for m, _ in manifests])
+    if leaks:
+        log(
+            f"warning: group {group.name!r}: {leaks} images are in one member's train split "
+            "and in another's val or test split: the scores of the members that hold them "
+            "out are optimistic"
+        )
     data = DataProfile.combined(
         [data_profile(art, m, len(c)) for art, (m, c) in zip(members, manifests, strict=True)]
     )
@@ -161,7 +170,9 @@ def run_shared_training(
     else:
         joint = af.read_json(out / "model" / MODEL_FILE)
     history = af.read_parquet(out / "model" / HISTORY_FILE)
-    return StageResult(fp, reused, _metadata(joint, history, out, start))
+    md = _metadata(joint, history, out, start)
+    md["cross_task_leaks"] = leaks
+    return StageResult(fp, reused, md)
 
 
 def _bundle_info(

@@ -25,11 +25,11 @@ log = logging.getLogger(__name__)
 STEP_MODULES = [
     "mtmc_pipeline.stages.training",
     "mtmc_pipeline.stages.reporting",
-    # torch, timm and onnxscript, imported once by the step server instead of by each of the
-    # model, evaluation and export steps (4-8 s each, most of it beside another task's training)
-    "mtmc_pipeline.training.train",
-    "mtmc_pipeline.evaluation.evaluate",
-    "mtmc_pipeline.serving.export",
+    # torch itself, imported once by the step server instead of by each model, evaluation and
+    # export step (most of them beside another task's training); timm, torchvision and
+    # onnxscript stay with the steps that use them, as a run that reuses every stage would pay
+    # for them (benchmarks/README.md: no-change rerun 1.17x the no-op graph, 1.78x with them)
+    "torch",
 ]
 
 

@@ -31,7 +31,7 @@ validation), proportionally less for fewer: two such tasks fit in 18 minutes of 
 MIN_BUDGET_MINUTES = 0.75
 """The CPU floor: a few hundred images make few updates per epoch, and need more epochs. The
 demo's 471-image texture task reached 0.63-0.84 validation accuracy in the 16-23 epochs of
-30 s, 0.87-0.90 in the 35-40 of 45 s."""
+30 s, 0.865-0.901 in the 33-40 of 45 s."""
 MAX_EPOCHS = 40
 """Upper bound on epochs under auto; the time budget usually stops before it. A task of a few
 hundred images at the CPU floor fits more, to no gain: the demo's 232-image multi-label task

@@ -173,7 +173,7 @@ def main() -> None:
         f"({shared_seconds / total:.2f}x)"
     )
 
-    inference_table(separate, shared, config.img_size, args.batch, args.repeats)
+    inference_table(separate, shared, joint_info["img_size"], args.batch, args.repeats)
 
 
 def _first_heads(joint: MultiHeadNet, n: int) -> MultiHeadNet:

@@ -3,10 +3,10 @@
 Three tasks: ``digits`` and ``pattern`` from the demo, and ``parity``, the digits images again
 labelled even / odd. Each is trained alone with the automatic recipe, and the three are
 trained as one group (one backbone, three heads) with the automatic recipe of their pooled
-data (its time budget follows the pooled images, about the separate budgets' sum); every
-model is then evaluated by the pipeline's evaluation stage. Reported: per-task accuracy,
-total training time, and model images/s for N tasks, shared (one backbone pass, N heads)
-against separate (N passes).
+data (its time budget follows the pooled images); every model is then evaluated by the
+pipeline's evaluation stage (test accuracy). Reported: per-task accuracy, total training
+time, and model images/s for N tasks, shared (one backbone pass, N heads, at the group's
+size) against separate (N passes, each at its own bundle's size).
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/shared_backbone.py --out /tmp/shared-bench
 
@@ -37,7 +37,12 @@ from mtmc_pipeline.stages.reporting import run_evaluation
 from mtmc_pipeline.stages.shared import group_train_config, run_shared_training
 from mtmc_pipeline.stages.training import run_training
 from mtmc_pipeline.training.models import load_bundle
-from mtmc_pipeline.training.multitask import MultiHeadNet, load_joint_bundle
+from mtmc_pipeline.training.multitask import (
+    BATCH_MIXING,
+    TASK_SAMPLING,
+    MultiHeadNet,
+    load_joint_bundle,
+)
 
 TASKS = ["digits", "pattern", "parity"]
 
@@ -90,31 +95,41 @@ def accuracy(data: Path, root: Path, task: str, runtime) -> float:
     return af.read_json(art.evaluation_dir / "metrics.json")["accuracy"]
 
 
-def best_seconds(
-    runs: dict[str, list[torch.nn.Module]], x: torch.Tensor, repeats: int
-) -> dict[str, float]:
-    """Best time of each entry's models over ``repeats`` rounds, the entries interleaved in
-    every round so that a change of machine load hits all of them alike."""
+def best_seconds(runs: dict[str, list[tuple[torch.nn.Module, torch.Tensor]]], repeats: int):
+    """Best time of each entry's models (each on its own input batch) over ``repeats`` rounds,
+    the entries interleaved in every round so that a change of machine load hits all alike."""
     best = dict.fromkeys(runs, np.inf)
     with torch.no_grad():
         for _ in range(repeats + 1):  # the first round warms up
             for name, models in runs.items():
                 t0 = time.perf_counter()
-                for m in models:
+                for m, x in models:
                     m(x)
                 best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 
-def inference_table(separate: Path, shared: Path, img_size: int, batch: int, repeats: int) -> None:
-    joint, _ = load_joint_bundle(group_dir(shared, "demo") / "model")
-    alone = [load_bundle(TaskArtifacts(separate, t).model_dir)[0] for t in TASKS]
-    x = torch.randn(batch, 3, img_size, img_size).contiguous(memory_format=torch.channels_last)
+def _batch(n: int, img_size: int) -> torch.Tensor:
+    x = torch.randn(n, 3, img_size, img_size)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def inference_table(separate: Path, shared: Path, batch: int, repeats: int) -> None:
+    """Images/s of N separate bundles (each at its own input size, as each is deployed)
+    against the joint model with N heads at the group's size."""
+    joint, info = load_joint_bundle(group_dir(shared, "demo") / "model")
+    x_shared = _batch(batch, info["img_size"])
+    alone = []
+    for t in TASKS:
+        model, model_info = load_bundle(TaskArtifacts(separate, t).model_dir)
+        alone.append((model, _batch(batch, model_info["img_size"])))
+    sizes = ", ".join(f"{t} {x.shape[-1]} px" for t, (_, x) in zip(TASKS, alone, strict=True))
+    print(f"\ninputs: separate {sizes}; shared {info['img_size']} px")
     print("\n| tasks | separate images/s | shared images/s | shared / separate |")
     print("|---|---|---|---|")
     for n in (1, 2, 3):
-        runs = {"separate": alone[:n], "shared": [_first_heads(joint, n)]}
-        best = best_seconds(runs, x, repeats)
+        runs = {"separate": alone[:n], "shared": [(_first_heads(joint, n), x_shared)]}
+        best = best_seconds(runs, repeats)
         sep, sha = batch / best["separate"], batch / best["shared"]
         print(f"| {n} | {sep:.0f} | {sha:.0f} | {sha / sep:.2f} |")
 
@@ -128,13 +143,16 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, help="cap every recipe's epochs")
     parser.add_argument("--model", help="another timm model for every task and the group")
     parser.add_argument(
+        "--task-sampling", choices=TASK_SAMPLING, default="equal", help="the group's draw shares"
+    )
+    parser.add_argument("--batch-mixing", choices=BATCH_MIXING, default="mixed")
+    parser.add_argument(
         "--inference-only", action="store_true", help="time the models of a previous run in --out"
     )
     args = parser.parse_args()
     if args.inference_only:
         separate, shared = args.out / "separate", args.out / "shared"
-        info = af.read_json(group_dir(shared, "demo") / "model" / "model.json")
-        inference_table(separate, shared, info["img_size"], args.batch, args.repeats)
+        inference_table(separate, shared, args.batch, args.repeats)
         return
     recipe = {k: v for k, v in (("epochs", args.max_epochs), ("model", args.model)) if v}
     shutil.rmtree(args.out, ignore_errors=True)
@@ -152,7 +170,13 @@ def main() -> None:
         run_training(data / task, TaskArtifacts(separate, task), cfg, CPU, lambda _: None)
         seconds[task] = time.perf_counter() - t0
         print(f"separate {task}: {seconds[task]:.1f} s")
-    group = SharedGroup(name="demo", tasks=TASKS, train=recipe)
+    group = SharedGroup(
+        name="demo",
+        tasks=TASKS,
+        train=recipe,
+        task_sampling=args.task_sampling,
+        batch_mixing=args.batch_mixing,
+    )
     config: TrainConfig = group_train_config(group, data)
     t0 = time.perf_counter()
     run_shared_training(group, data, shared, config, runtime, print)
@@ -166,6 +190,11 @@ def main() -> None:
         b = accuracy(data, shared, task, runtime)
         ea = af.read_json(TaskArtifacts(separate, task).model_dir / "model.json")["epochs_run"]
         print(f"| {task} | {a:.4f} | {b:.4f} | {ea} | {joint_info['epochs_run']} |")
+    arch, size = joint_info["arch"], joint_info["img_size"]
+    print(
+        f"group recipe: {arch} at {size} px, {group.batch_mixing} batches, "
+        f"task_sampling {group.task_sampling}"
+    )
     total = sum(seconds.values())
     print(
         f"\ntraining time (stage wall s, cache decoding included): separate {total:.1f} "
@@ -173,7 +202,7 @@ def main() -> None:
         f"({shared_seconds / total:.2f}x)"
     )
 
-    inference_table(separate, shared, joint_info["img_size"], args.batch, args.repeats)
+    inference_table(separate, shared, args.batch, args.repeats)
 
 
 def _first_heads(joint: MultiHeadNet, n: int) -> MultiHeadNet:

@@ -27,6 +27,8 @@ from mtmc_pipeline.training.multitask import (
     TaskData,
     create_multihead,
     load_joint_bundle,
+    part_sizes,
+    task_batches,
     task_schedule,
     train_multitask,
 )
@@ -96,6 +98,33 @@ def test_schedule_holds_every_batch_once_and_is_seeded() -> None:
     assert task_schedule([4], seed=1, epoch=0) == [0, 0, 0, 0]
 
 
+def test_task_sampling_sets_each_members_share_of_the_batches() -> None:
+    assert task_batches([9, 2, 4], "proportional") == [9, 2, 4]
+    assert task_batches([9, 2, 4], "equal") == [9, 9, 9]
+    assert part_sizes([900, 200, 100], 64, "equal") == [21, 21, 21]
+    assert part_sizes([900, 200, 100], 64, "proportional") == [48, 11, 5]
+    assert part_sizes([900, 10], 16, "proportional") == [16, 2]  # never fewer than 2
+    assert part_sizes([50], 16, "equal") == [16]
+    with pytest.raises(ValueError, match="task_sampling = 'sqrt'"):
+        task_batches([9, 2], "sqrt")
+
+
+def test_a_mixed_batch_sends_each_part_to_its_own_head_only() -> None:
+    torch.manual_seed(0)
+    net = _tiny_net([3, 4])
+    x = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        net.eval()  # running statistics: each image's logits depend on that image only
+        first, second = net.forward_parts(x, [1, 0], [2, 3])
+        torch.testing.assert_close(first, net.forward_task(x[:2], 1))
+        torch.testing.assert_close(second, net.forward_task(x[2:], 0))
+    net.train()
+    out = net.forward_parts(x, [0, 1], [3, 2])
+    torch.nn.functional.cross_entropy(out[0], torch.tensor([0, 1, 2])).backward()
+    assert net.heads[1].weight.grad is None  # task 1's head got nothing from task 0's images
+    assert net.heads[0].weight.grad is not None
+
+
 def _prepare(root: Path, data: Path, task: str) -> TaskArtifacts:
     cfg = load_task_config(data / task)
     art = TaskArtifacts(root, task)
@@ -145,6 +174,7 @@ def test_group_stage_writes_bundles_whose_logits_match(
     assert not result.reused and result.metadata["epochs_run"] == 2
     joint, info = load_joint_bundle(group_dir(root, group.name) / "model")
     assert [t["task"] for t in info["tasks"]] == ["digits", "pattern"]
+    assert (info["task_sampling"], info["batch_mixing"]) == ("equal", "mixed")
     x = torch.rand(6, 3, 32, 32) * 255
     normalize = Normalize(Preprocess.from_info(info), CPU.device, channels_last=True)
     with torch.no_grad():
@@ -174,8 +204,9 @@ class _KilledAfter(Checkpoint):
             raise KeyboardInterrupt
 
 
+@pytest.mark.parametrize("mixing", ["mixed", "interleaved"])
 def test_resumed_group_training_ends_as_an_uninterrupted_run(
-    prepared: Path, tiny_root: Path, tmp_path: Path
+    prepared: Path, tiny_root: Path, tmp_path: Path, mixing: str
 ) -> None:
     root = tmp_path / "art"
     shutil.copytree(prepared, root)
@@ -183,13 +214,16 @@ def test_resumed_group_training_ends_as_an_uninterrupted_run(
     tasks = [_task_data(root, tiny_root, t, adaptive) for t in ("digits", "pattern")]
     config = TrainConfig(**RECIPE)
     path = tmp_path / "ckpt.safetensors"
+    killed = _KilledAfter(path, "fp", 2)
     with pytest.raises(KeyboardInterrupt):
-        train_multitask(tasks, config, CPU, lambda _: None, _KilledAfter(path, "fp", 2))
+        train_multitask(tasks, config, CPU, lambda _: None, killed, batch_mixing=mixing)
     messages: list[str] = []
-    resumed = train_multitask(tasks, config, CPU, messages.append, Checkpoint(path, "fp"))
+    resumed = train_multitask(
+        tasks, config, CPU, messages.append, Checkpoint(path, "fp"), batch_mixing=mixing
+    )
     assert resumed.resumed_at_epoch == 2
     assert any(m.startswith("resuming from the checkpoint after epoch 2/3") for m in messages)
-    whole = train_multitask(tasks, config, CPU, lambda _: None)
+    whole = train_multitask(tasks, config, CPU, lambda _: None, batch_mixing=mixing)
     a, b = resumed.model.state_dict(), whole.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     timing = ["images_per_second", "step_seconds", "seconds"]
@@ -198,6 +232,10 @@ def test_resumed_group_training_ends_as_an_uninterrupted_run(
     assert ha["class_shares"].map(list).tolist() == hb["class_shares"].map(list).tolist()
     # every epoch re-set the shares (period 1), and each re-set is in the history
     assert ha["class_shares"].map(len).tolist() == [10, 5] * 3
+    # equal sampling: the smaller task drew again until it had as many images as the larger
+    train = [len(t.manifest.query("split == 'train'")) for t in tasks]
+    images = ha.groupby("task", sort=False)["images"].first().tolist()
+    assert train[1] < train[0] and images[0] == images[1] > train[1]
 
 
 def test_a_group_of_one_trains_what_the_plain_task_trains(

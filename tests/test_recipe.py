@@ -90,16 +90,23 @@ def test_colour_photos_on_a_cpu_start_from_weights_when_they_are_found() -> None
         1e-3,  # batch 64
         0.05,
     )
-    offline = resolve_recipe(TrainConfig(), PHOTOS, TWO_CORES, nowhere).config
-    assert (offline.model, offline.pretrained, offline.pretrained_path) == (
-        "resnet10t",
+    assert asked == ["resnet18"]  # asked once, though both the size and the model need it
+    offline = resolve_recipe(TrainConfig(), PHOTOS, TWO_CORES, nowhere)
+    cfg = offline.config
+    # from scratch on a CPU: 64 px on the stride-2 small model, which fits more epochs
+    assert (cfg.model, cfg.img_size, cfg.pretrained, cfg.pretrained_path) == (
+        "small_resnet_s2",
+        64,
         False,
         None,
     )
-    assert (offline.optimizer, offline.lr) == ("adamw", 8e-3)  # from scratch at 128 px
-    assert asked == ["resnet18"]
+    assert "no pretrained weights" in offline.reasons["img_size"]
+    assert (cfg.optimizer, cfg.lr) == ("sgd", pytest.approx(0.2 * 2**0.5, abs=1e-6))  # batch 64
     no_weights = resolve_recipe(TrainConfig(pretrained=False), PHOTOS, TWO_CORES, probe).config
-    assert no_weights.model == "resnet10t" and asked == ["resnet18"]  # not asked: not wanted
+    assert no_weights.img_size == 64 and asked == ["resnet18"]  # not asked: not wanted
+    # a model named by hand is not shrunk to the small model's size
+    named = resolve_recipe(TrainConfig(model="resnet10t"), PHOTOS, TWO_CORES, nowhere).config
+    assert (named.img_size, named.optimizer, named.lr) == (128, "adamw", 8e-3)
 
 
 def test_a_gpu_profile_gets_full_size_large_batches_and_a_data_sized_budget() -> None:
@@ -133,12 +140,24 @@ def test_explicit_settings_always_win() -> None:
         == explicit.model_copy(update={"time_budget_minutes": "none"}).model_dump()
     )
     assert set(recipe.reasons) == {"time_budget_minutes"}  # epochs set: no budget
-    group = resolve_recipe(TrainConfig(), TINY_GREY, TWO_CORES, nowhere, tasks=3)
-    assert group.config.optimizer == "adamw" and "3 tasks" in group.reasons["optimizer"]
     adamw = resolve_recipe(TrainConfig(optimizer="adamw"), TINY_GREY, TWO_CORES, nowhere).config
     assert (adamw.lr, adamw.weight_decay) == (8e-3, 0.05)  # from scratch, batch 64
     budgeted = TrainConfig(epochs=5, time_budget_minutes=2)
     assert resolve_recipe(budgeted, TINY_GREY, TWO_CORES, nowhere).config.time_budget_minutes == 2
+
+
+def test_a_group_resolves_for_its_member_with_the_largest_images() -> None:
+    small = DataProfile(
+        median_side=32, grey=False, num_classes=10, train_images=1_000, min_per_class=90
+    )
+    larger = DataProfile(
+        median_side=64, grey=True, num_classes=4, train_images=400, min_per_class=80
+    )
+    pooled = DataProfile.combined([small, small, larger])
+    assert (pooled.median_side, pooled.grey) == (64, False)
+    assert (pooled.num_classes, pooled.train_images, pooled.min_per_class) == (10, 2_400, 80)
+    recipe = resolve_recipe(TrainConfig(), pooled, TWO_CORES, nowhere).config
+    assert (recipe.img_size, recipe.model, recipe.optimizer) == (64, SMALL_IMAGE_MODELS[1], "sgd")
 
 
 def test_resolution_is_deterministic() -> None:

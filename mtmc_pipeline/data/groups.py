@@ -7,6 +7,8 @@ shared:
     tasks: [digits, parity]
     loss_weights: {parity: 0.5}        # default 1.0 per task
     freeze_backbone_at: 20             # from this epoch (1-based) on, only the heads train
+    batch_mixing: interleaved          # default mixed: see SharedGroup.batch_mixing
+    task_sampling: proportional        # default equal: see SharedGroup.task_sampling
     train: {epochs: 30}                # on top of the first member's train section
 ```
 
@@ -19,7 +21,7 @@ others take its split of every image they share with it (:func:`split_leaders`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -38,6 +40,14 @@ class SharedGroup(BaseModel):
     tasks: list[str] = Field(min_length=1)
     loss_weights: dict[str, float] = Field(default_factory=dict)
     freeze_backbone_at: int | None = Field(None, ge=1)
+    batch_mixing: Literal["mixed", "interleaved"] = "mixed"
+    """``mixed``: every batch holds images of every member, so batch norm trains on the mix
+    it normalises with at inference; ``interleaved``: one member per batch (MTMC-Pytorch)."""
+    task_sampling: Literal["equal", "proportional"] = "equal"
+    """Each member's share of the training draws. ``equal``: mixed batches in equal parts, or
+    as many interleaved batches per epoch as the largest member has, so a small task is not
+    starved of updates (it draws again); ``proportional``: in proportion to the members'
+    train splits."""
     train: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

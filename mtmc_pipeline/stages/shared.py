@@ -86,7 +86,6 @@ def run_shared_training(
         data,
         DeviceProfile.from_runtime(runtime),
         lambda m: find_pretrained(m, log),
-        tasks=len(group.tasks),
     )
     config = recipe.config
     for line in recipe.lines():
@@ -135,7 +134,16 @@ def run_shared_training(
             f"{', '.join(group.tasks)}"
         )
         checkpoint = Checkpoint(out / ".work" / CHECKPOINT_FILE, fp)
-        result = train_multitask(tasks, config, runtime, log, checkpoint, group.freeze_backbone_at)
+        result = train_multitask(
+            tasks,
+            config,
+            runtime,
+            log,
+            checkpoint,
+            group.freeze_backbone_at,
+            group.task_sampling,
+            group.batch_mixing,
+        )
         common = _bundle_info(result, config, runtime, recipe)
         for k, (art, data) in enumerate(zip(members, tasks, strict=True)):
             model = task_model(result.model, k, config.model, config.img_size)
@@ -162,6 +170,8 @@ def run_shared_training(
             "metrics": result.best_metrics,
             "parameters": result.parameters,
             "freeze_backbone_at": group.freeze_backbone_at,
+            "task_sampling": group.task_sampling,
+            "batch_mixing": group.batch_mixing,
         }
         with af.atomic_dir(out / "model") as tmp:
             save_bundle(tmp, result.model, joint)

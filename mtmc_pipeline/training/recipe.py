@@ -10,6 +10,7 @@ class, other image sizes or weights that became reachable re-resolve the recipe 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import subprocess
@@ -17,14 +18,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from mtmc_pipeline.config import AUTO, TrainConfig
 from mtmc_pipeline.runtime import Runtime  # a type only: this module imports no torch
 
 SMALL_SIDE = 64
-"""Images up to about this many pixels train at their own size on a resolution-keeping stem."""
+"""Images up to about this many pixels train at their own size on a resolution-keeping stem;
+on a CPU, larger images trained from scratch are resized to it (more epochs fit the budget)."""
 CPU_BUDGET_MINUTES_PER_IMAGE = 7.5 / 12_000
 """Under auto on a CPU: 7.5 minutes of training for 12,000 images (about 8 with decoding and
 validation), proportionally less for fewer: two such tasks fit in 18 minutes of pipeline."""
@@ -36,6 +37,10 @@ MAX_EPOCHS = 40
 """Upper bound on epochs under auto; the time budget usually stops before it. A task of a few
 hundred images at the CPU floor fits more, to no gain: the demo's 232-image multi-label task
 had reached its best validation mAP by epoch 38 of 58."""
+CPU_MODELS = ("resnet18", "resnet10t")
+"""Larger images on a CPU: the model to fine-tune when its weights are found, and the one to
+train from scratch when ``img_size`` is set above the small models' range and none are."""
+GPU_MODELS = ("resnet50", "resnet26d")
 SMALL_IMAGE_MODELS = ("small_resnet_s1", "small_resnet_s2")
 """This project's models for small images (``training/small_models.py``): no weights are
 published for them, so ``pretrained: auto`` does not look (nor import timm to ask)."""
@@ -84,9 +89,11 @@ class DataProfile:
     @classmethod
     def combined(cls, profiles: list[DataProfile]) -> DataProfile:
         """The profile of several tasks trained together (a shared backbone): their images
-        pooled, the most classes any head has, the rarest class of any task."""
+        pooled, the side of the member with the largest images (so that no member trains
+        below the size it would get alone), the most classes any head has, the rarest class
+        of any task."""
         return cls(
-            median_side=int(np.median([p.median_side for p in profiles])),
+            median_side=max(p.median_side for p in profiles),
             grey=all(p.grey for p in profiles),
             num_classes=max(p.num_classes for p in profiles),
             train_images=sum(p.train_images for p in profiles),
@@ -189,7 +196,8 @@ class Recipe:
         return [f"{k} = {getattr(self.config, k)}: {why}" for k, why in self.reasons.items()]
 
 
-def _img_size(data: DataProfile, device: DeviceProfile) -> tuple[int, str]:
+def _img_size(data: DataProfile, device: DeviceProfile, from_scratch: bool) -> tuple[int, str]:
+    """``from_scratch``: on a CPU, no weights to start from, and the model left to auto."""
     side = data.median_side
     if side <= SMALL_SIDE:
         size = max(16, side - side % 4)
@@ -197,6 +205,11 @@ def _img_size(data: DataProfile, device: DeviceProfile) -> tuple[int, str]:
         return size, (
             f"median image side {side} px ({colour}): small images keep their size (halving "
             "loses their finest detail)"
+        )
+    if from_scratch:
+        return SMALL_SIDE, (
+            f"median image side {side} px on a CPU with no pretrained weights: {SMALL_SIDE} px, "
+            "where training from scratch fits about 4x the epochs of 128 px in the same budget"
         )
     cap = 224 if device.kind == "cuda" else 128
     size = max(SMALL_SIDE, min(side, cap) // 32 * 32)
@@ -227,7 +240,7 @@ def _model(
             ),
         )
     on_gpu = device.kind == "cuda"
-    preferred, fallback = ("resnet50", "resnet26d") if on_gpu else ("resnet18", "resnet10t")
+    preferred, fallback = GPU_MODELS if on_gpu else CPU_MODELS
     found = weights(preferred)
     if found:
         return preferred, found, f"{img_size} px on {device.describe()}: pretrained weights found"
@@ -293,21 +306,26 @@ def resolve_recipe(
     data: DataProfile,
     device: DeviceProfile,
     weights: WeightsProbe,
-    tasks: int = 1,
 ) -> Recipe:
-    """Resolve every ``auto`` setting of ``config``; explicit settings are kept as they are.
-    ``tasks``: how many tasks share the backbone (a shared group's heads)."""
+    """Resolve every ``auto`` setting of ``config``; explicit settings are kept as they are."""
     values: dict[str, Any] = {}
     reasons: dict[str, str] = {}
 
     def pick(name: str, value: Any, reason: str) -> None:
         values[name], reasons[name] = value, reason
 
-    if config.pretrained is False:
-        weights = _no_weights  # not asked for: pick the model that trains well from scratch
+    weights = _no_weights if config.pretrained is False else functools.cache(weights)
     img_size = config.img_size
     if img_size == AUTO:
-        img_size, why = _img_size(data, device)
+        from_scratch = (  # on a CPU, larger images with no weights to start from
+            device.kind == "cpu"
+            and data.median_side > SMALL_SIDE
+            and config.model == AUTO
+            and config.pretrained is not True
+            and not config.pretrained_path
+            and not weights(CPU_MODELS[0])
+        )
+        img_size, why = _img_size(data, device, from_scratch)
         pick("img_size", img_size, why)
     model = config.model
     found: str | None = None
@@ -333,13 +351,6 @@ def resolve_recipe(
     if config.optimizer == AUTO:
         if pretrained:
             pick("optimizer", "adamw", "fine-tuning pretrained weights: AdamW")
-        elif tasks > 1:
-            pick(
-                "optimizer",
-                "adamw",
-                f"{tasks} tasks on one backbone, one task per batch: AdamW (SGD at its "
-                "from-scratch rate swung from batch to batch)",
-            )
         elif img_size <= SGD_MAX_SIDE:
             pick(
                 "optimizer",

@@ -380,3 +380,18 @@ def test_calibration_errors_against_hand_values_and_sklearn() -> None:
     assert bins["count"].sum() == 300 and len(bins) == 15
     gap = (bins["accuracy"] - bins["confidence"]).abs().fillna(0)
     assert errors["ece"] == pytest.approx((gap * bins["count"]).sum() / 300)
+
+
+def test_high_levels_need_enough_images_not_a_perfect_top() -> None:
+    rng = np.random.default_rng(0)
+    scores = np.r_[rng.normal(4, 1, 200), rng.normal(-4, 1, 200)]
+    positive = np.r_[np.ones(200, dtype=bool), np.zeros(200, dtype=bool)]
+    levels = [0.85, 0.9, 0.95, 0.98]
+    many = precision_thresholds(scores, positive, levels, min_support=10, fit_confidence=0.9)
+    # 200 clean positives prove 0.98 (lower bound 0.1 ** (1 / 200) = 0.989), although the top
+    # 10 images alone prove only 0.79
+    assert many["reachable"].all()
+    assert (np.diff(many["threshold"]) >= 0).all()
+    few = precision_thresholds(scores[180:220], positive[180:220], levels, 10, 0.9)
+    # 20 clean positives prove 0.1 ** (1 / 20) = 0.89: 0.85 yes, 0.9 and above no
+    assert few["reachable"].tolist() == [True, False, False, False]

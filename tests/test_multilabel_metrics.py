@@ -102,6 +102,19 @@ def test_calibrated_levels_hold_on_held_out_images_and_platt_lowers_nll() -> Non
     checked = realised[realised["n"] >= 30]
     assert len(checked) >= 8 and not checked["flagged"].any()
 
+    # the default lower-bound rule, as for single-label tasks: on 200 val images, a level
+    # must be reached by the 0.9 lower confidence bound, so no threshold is looser
+    few = slice(0, 200)
+    plain = multilabel_table(logits[few], truth[few], NAMES, levels, 10)
+    bounded = multilabel_table(logits[few], truth[few], NAMES, levels, 10, fit_confidence=0.9)
+    for c, name in enumerate(NAMES):
+        own = precision_thresholds(logits[few, c], truth[few, c], levels, 10, 0.9)
+        got = bounded[bounded["class_name"] == name].reset_index(drop=True)
+        np.testing.assert_array_equal(got["threshold"], own["threshold"])
+    both = plain["reachable"] & bounded["reachable"]
+    assert (bounded.loc[both, "threshold"] >= plain.loc[both, "threshold"]).all()
+    assert (bounded.loc[both, "threshold"] > plain.loc[both, "threshold"]).any()
+
     squashed = logits[fit, 0] * 0.3  # an over-confident model's logits, scaled back
     a, _ = fit_platt(logits[fit, 0], truth[fit, 0])
     a2, _ = fit_platt(squashed, truth[fit, 0])
@@ -112,17 +125,20 @@ def test_calibrated_levels_hold_on_held_out_images_and_platt_lowers_nll() -> Non
 def test_calibration_of_predictions_and_its_calibrator_json() -> None:
     import pandas as pd
 
-    logits, truth = _data(600, seed=2)
+    logits, truth = _data(2000, seed=2)
     preds = pd.DataFrame(
         {
-            "relpath": [f"{i}.png" for i in range(600)],
-            "split": ["val"] * 300 + ["test"] * 300,
+            "relpath": [f"{i}.png" for i in range(2000)],
+            "split": ["val"] * 1000 + ["test"] * 1000,
             "labels": [list(np.flatnonzero(t)) for t in truth],
             "logits": list(logits.astype(np.float32)),
         }
     )
     cal = calibrate_multilabel(preds, NAMES, CalibrationConfig())
     assert set(cal.table["score_kind"]) == {"logit"}
+    levels = CalibrationConfig().levels
+    fitted = multilabel_table(logits[:1000], truth[:1000], NAMES, levels, 10, 0.9)
+    np.testing.assert_array_equal(cal.table["threshold"], fitted["threshold"])
     assert cal.temperature["nll_after"] <= cal.temperature["nll_before"] + 1e-12
     assert cal.temperature["at_levels"]["split"] == "test"
     at_90 = cal.temperature["at_levels"]["0.9"]

@@ -101,25 +101,37 @@ def precision_thresholds(
     are kept or dropped together) that keep at least ``min_support`` samples, so no level rests
     on a couple of images (with 1, one negative scored above every positive would make the
     class unreachable at any level). With ``fit_confidence`` c > 0, what must reach a level is
-    the one-sided Clopper-Pearson lower bound of confidence c of the precision at t, not tp / n
+    the one-sided Clopper-Pearson lower bound of confidence c of the precision, not tp / n
     itself: a precision found on few images, or picked as the lowest threshold that reaches
     a level, would otherwise promise more than new images give.
+
+    Level L's threshold is the lowest t at which that precision reaches L at t and at every
+    higher threshold that keeps enough samples to show L: ``min_support``, and with c > 0
+    also the n whose all-positive bound reaches L, ln(1 - c) / ln(L) (22 at 0.9, 114 at
+    0.98). Without that second floor the top ``min_support`` samples would cap every level at
+    what so few can prove (0.79 for 10 at c = 0.9). A threshold that qualifies for a higher
+    level qualifies for every lower one too, so thresholds rise with the level.
     Columns: level, threshold (NaN when unreachable), reachable, support (samples scored
     >= t), recall, precision and its 95% lower bound at t.
     """
     thresholds, tp, n = ranked_counts(scores, positive)
     precision = tp / n
+    lv = np.asarray(levels, dtype=np.float64)
+    floor = np.full(len(lv), float(min_support))
     if fit_confidence > 0:
         precision = precision_lower_bound(tp, n, fit_confidence)
-    # precision guaranteed at t and at every higher threshold: running minimum from the top,
-    # hence non-increasing as t falls, and each level's lowest threshold is a search away
-    # (thresholds keeping fewer than min_support samples neither count nor constrain)
-    counted = n >= min_support
-    guaranteed = np.minimum.accumulate(np.where(counted, precision, np.inf))
-    lv = np.asarray(levels, dtype=np.float64)
-    i = np.searchsorted(-guaranteed, -(lv - _EPS), side="right") - 1
-    reachable = i >= int(np.argmax(counted)) if counted.any() else np.zeros(len(lv), dtype=bool)
-    j = np.where(reachable, i, 0)
+        with np.errstate(divide="ignore"):
+            floor = np.maximum(floor, np.log(1 - fit_confidence) / np.log(np.clip(lv, _EPS, 1)))
+    # per level (rows), thresholds from high to low (columns): the precision guaranteed at t
+    # and above, a running minimum over the thresholds that keep at least that level's floor
+    counted = n[None, :] >= floor[:, None] - _EPS
+    guaranteed = np.minimum.accumulate(np.where(counted, precision[None, :], np.inf), axis=1)
+    meets = counted & (guaranteed >= lv[:, None] - _EPS)
+    order = np.argsort(-lv, kind="stable")  # what a higher level accepts, a lower one does too
+    meets[order] = np.logical_or.accumulate(meets[order], axis=0)
+    reachable = meets.any(axis=1)
+    lowest = len(n) - 1 - np.argmax(meets[:, ::-1], axis=1) if len(n) else 0
+    j = np.where(reachable, lowest, 0)
     n_pos = int(positive.sum())
 
     def at(values: np.ndarray, empty: float) -> np.ndarray:

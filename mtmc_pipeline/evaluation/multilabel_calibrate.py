@@ -47,13 +47,19 @@ from mtmc_pipeline.plots import reliability_png
 
 
 def multilabel_table(
-    logits: np.ndarray, truth: np.ndarray, names: list[str], levels: list[float], min_support: int
+    logits: np.ndarray,
+    truth: np.ndarray,
+    names: list[str],
+    levels: list[float],
+    min_support: int,
+    fit_confidence: float = 0.0,
 ) -> pd.DataFrame:
-    """Per class and level: the logit threshold, as :func:`precision_thresholds` fits it."""
+    """Per class and level: the logit threshold, as :func:`precision_thresholds` fits it
+    (with ``fit_confidence``, the precision's lower confidence bound must reach the level)."""
     check_finite(logits, "calibration split")
     parts = []
     for c, name in enumerate(names):
-        t = precision_thresholds(logits[:, c], truth[:, c], levels, min_support)
+        t = precision_thresholds(logits[:, c], truth[:, c], levels, min_support, fit_confidence)
         t.insert(0, "score_kind", "logit")
         t.insert(0, "class_name", name)
         parts.append(t)
@@ -152,7 +158,9 @@ def calibrate_multilabel(
     logits, truth = _split(preds, FIT_SPLIT, k)
     if len(truth) == 0:
         raise ValueError("predictions.parquet has no val images: calibration is fitted on val")
-    table = multilabel_table(logits, truth, class_names, config.levels, config.min_support)
+    table = multilabel_table(
+        logits, truth, class_names, config.levels, config.min_support, config.fit_confidence
+    )
     platt = [list(fit_platt(logits[:, c], truth[:, c])) for c in range(k)]
     errors, (before, after) = _errors(logits, truth, platt)
     summary: dict[str, Any] = {

@@ -12,7 +12,6 @@ recipe, its epochs and training seconds, and test accuracy.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mtmc_pipeline.artifacts import read_json
 from mtmc_pipeline.demo import PATTERN_CLASSES, _draw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,8 +68,8 @@ def main() -> None:
     print("\n| task | train images | recipe | epochs | train s | test accuracy |")
     print("|---|---|---|---|---|---|")
     for task in TASKS:
-        model = json.loads((artifacts / task / "model" / "model.json").read_text("utf-8"))
-        metrics = json.loads((artifacts / task / "evaluation" / "metrics.json").read_text("utf-8"))
+        model = read_json(artifacts / task / "model" / "model.json")
+        metrics = read_json(artifacts / task / "evaluation" / "metrics.json")
         recipe = f"{model['arch']} {model['img_size']} px, batch {model['config']['batch_size']}"
         print(
             f"| {task} | {model['recipe_inputs']['data']['train_images']} | {recipe} | "

@@ -323,3 +323,15 @@ def test_a_group_stops_early_on_the_mean_of_its_members_val_losses() -> None:
     assert [round(r["val_loss"], 6) for r in rows] == [1.0, 1.05, 0.75, 0.9]
     assert not _stalled(rows, 0, config)  # task a alone would have stopped at epoch 3
     assert _stalled([*rows[:3], {**rows[3], "epoch": 4}], 0, config)
+
+
+def test_mixup_mixes_within_each_part_of_a_mixed_batch(
+    prepared: Path, tiny_root: Path, tmp_path: Path
+) -> None:
+    shutil.copytree(prepared, tmp_path / "art")
+    tasks = [_task_data(tmp_path / "art", tiny_root, t) for t in ("digits", "pattern")]
+    config = TrainConfig(**{**RECIPE, "epochs": 1, "mixup_alpha": 0.2})
+    result = train_multitask(tasks, config, CPU, lambda _: None)
+    history = result.history
+    assert np.isfinite(history["train_loss"]).all()
+    assert history["images"].nunique() == 1  # equal parts, the smaller task drawing again

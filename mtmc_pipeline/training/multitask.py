@@ -242,11 +242,15 @@ TASK_SAMPLING = ("equal", "proportional")
 BATCH_MIXING = ("mixed", "interleaved")
 
 
+def _check_sampling(sampling: str) -> None:
+    if sampling not in TASK_SAMPLING:
+        raise ValueError(f"task_sampling = {sampling!r}: expected one of {TASK_SAMPLING}")
+
+
 def part_sizes(train_sizes: Sequence[int], batch_size: int, sampling: str) -> list[int]:
     """Each member's part of a mixed batch of about ``batch_size`` images: equal parts, or
     parts proportional to the members' train splits (at least 2 images each)."""
-    if sampling not in TASK_SAMPLING:
-        raise ValueError(f"task_sampling = {sampling!r}: expected one of {TASK_SAMPLING}")
+    _check_sampling(sampling)
     if len(train_sizes) == 1:
         return [batch_size]
     if sampling == "equal":
@@ -262,8 +266,7 @@ def task_batches(loader_batches: Sequence[int], sampling: str) -> list[int]:
     share of the updates. ``equal``: every member as many batches as the largest has, the
     smaller ones drawing again from their (balanced) samplers.
     """
-    if sampling not in TASK_SAMPLING:
-        raise ValueError(f"task_sampling = {sampling!r}: expected one of {TASK_SAMPLING}")
+    _check_sampling(sampling)
     if sampling == "equal":
         return [max(loader_batches)] * len(loader_batches)
     return list(loader_batches)
@@ -491,13 +494,14 @@ def train_multitask(
             )
             if augment is not None:
                 x = augment(x)
-            xs, targets = [], []
-            for k, xk, y in zip(ks, x.split(n), ys, strict=True):
-                mix = members[k].mix
-                xk, target = mix(xk, y) if mix is not None else (xk, y)
-                xs.append(xk)
-                targets.append(target)
-            x = torch.cat(xs) if len(ks) > 1 else xs[0]
+            targets = ys
+            if any(members[k].mix is not None for k in ks):  # mixup/cutmix within each part
+                mixups = [
+                    members[k].mix(xk, y) if members[k].mix is not None else (xk, y)
+                    for k, xk, y in zip(ks, x.split(n), ys, strict=True)
+                ]
+                x = torch.cat([xk for xk, _ in mixups])
+                targets = [target for _, target in mixups]
             with runtime.autocast():
                 logits = net.forward_parts(normalize(x), ks, n)
                 losses = [
